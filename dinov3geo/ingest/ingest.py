@@ -1,0 +1,424 @@
+"""Chip scenes into a tile store, in parallel through dask, resumably.
+
+Each scene is cut into ``tile x tile`` windows aligned on its grid (the last row/column padded and masked,
+never dropped). Tiles whose valid fraction is below ``min_valid`` are skipped and counted. The work of a
+scene is split into strips (one row of tiles each) that dask runs on threads (default) or on a
+``dask.distributed`` cluster; each strip task reads its window once, writes its tiles straight into their
+Zarr chunks (one chunk per tile, so tasks never touch the same chunk) and returns partial statistics.
+
+A scene is committed to the store's ledger only after all its tiles are written; a run killed midway is
+undone (truncated) by the next run, which then redoes that scene. Scenes already in the ledger (same id,
+same files) are skipped, so re-running on the same store is cheap and never duplicates tiles.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import rasterio
+from rasterio.enums import MaskFlags
+from rasterio.windows import Window
+
+from dinov3geo.ingest.stats import BandStats
+from dinov3geo.ingest.store import TileStore, TileStoreError
+from dinov3geo.io.errors import DinoGeoIOError, OutputError
+from dinov3geo.io.scene import GDAL_ENV, Scene
+from dinov3geo.io.sources import RASTER_SUFFIXES, _S2_FILE, open_scene
+from dinov3geo.io.windows import tile_windows
+from dinov3geo.utils.atomic import check_writable
+from dinov3geo.utils.progress import progress_bar
+
+log = logging.getLogger("dinov3geo.ingest")
+
+
+@dataclass
+class IngestReport:
+    """What an ingestion run did."""
+
+    store: str
+    ingested: list[str] = field(default_factory=list)
+    already: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    recovered: str | None = None
+    tiles_written: int = 0
+    tiles_below_min_valid: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        """A few human-readable lines."""
+        mb = self.bytes_written / 1e6
+        rate = mb / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"tile store {self.store}",
+            f"  scenes ingested: {len(self.ingested)}, already in store: {len(self.already)}, "
+            f"skipped: {len(self.skipped)}",
+            f"  tiles written: {self.tiles_written}, below min-valid (not stored): {self.tiles_below_min_valid}",
+            f"  {mb:.1f} MB of pixels in {self.seconds:.1f} s ({rate:.1f} MB/s)",
+        ]
+        if self.recovered:
+            lines.append(f"  recovered from an interrupted run (scene {self.recovered} redone)")
+        lines += [f"  skipped {src}: {why}" for src, why in self.skipped]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+def discover_sources(sources: Iterable[str | os.PathLike]) -> list[str]:
+    """Expand user sources into scene sources.
+
+    A file or STAC JSON is one scene; a Landsat folder (``*_MTL.txt``) or a Sentinel-2 band folder (band ids in
+    the file names) is one scene; any other folder is searched recursively and each raster in it is a scene.
+    """
+    out: list[str] = []
+    for src in sources:
+        p = Path(src)
+        if not p.is_dir():
+            out.append(str(src))
+            continue
+        if _is_band_folder(p):
+            out.append(str(p))
+            continue
+        for child in sorted(p.iterdir()):
+            if child.is_dir():
+                out.extend(discover_sources([child]))
+            elif child.suffix.lower() in RASTER_SUFFIXES or child.name.lower().endswith("item.json"):
+                out.append(str(child))
+    return out
+
+
+def _is_band_folder(p: Path) -> bool:
+    if any(p.glob("*_MTL.txt")):
+        return True
+    rasters = [f for f in p.iterdir() if f.suffix.lower() in (".tif", ".tiff", ".jp2")]
+    return len(rasters) >= 2 and all(_S2_FILE.search(f.name) for f in rasters)
+
+
+def _fingerprint(scene: Scene) -> list[list[Any]]:
+    out = []
+    for path in scene.paths:
+        try:
+            st = os.stat(path)
+            out.append([path, st.st_size, st.st_mtime_ns])
+        except OSError:  # remote (/vsicurl/) or virtual path
+            out.append([path, None, None])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- tasks
+def _all_valid(scene: Scene) -> bool:
+    """True when no pixel of the scene can be invalid (no mask, no nodata, integers, on its own grid)."""
+    if scene.nodata is not None or not np.issubdtype(np.dtype(scene.dtype), np.integer):
+        return False
+    with rasterio.Env(**GDAL_ENV):
+        for path in scene.paths:
+            with rasterio.open(path) as ds:
+                if ds.crs is None or ds.crs != scene.grid.crs or ds.transform != scene.grid.transform:
+                    return False
+                if ds.shape != scene.grid.shape:
+                    return False
+                idx = [b.index for b in scene.bands if b.path == path]
+                if any(MaskFlags.all_valid not in ds.mask_flag_enums[i - 1] for i in idx):
+                    return False
+    return True
+
+
+def _strip_valid_fractions(scene: Scene, row_off: int, cols: list[int], tile: int) -> list[float]:
+    """Valid fraction of each tile of one strip (tile row)."""
+    width = (cols[-1] + tile) - cols[0]
+    with scene.reader() as r:
+        chip = r.read(Window(cols[0], row_off, width, tile))
+    v = chip.valid
+    return [float(v[:, c - cols[0] : c - cols[0] + tile].mean()) for c in cols]
+
+
+def _strip_write(
+    scene: Scene,
+    store_path: str,
+    row_off: int,
+    cols: list[int],
+    slots: list[int],
+    tile: int,
+    dtype: str,
+    seed: int,
+) -> tuple[BandStats, int]:
+    """Read one strip, write its kept tiles into their slots, return statistics of their valid pixels."""
+    import zarr
+
+    stats = BandStats(len(scene.bands))
+    keep = [(c, s) for c, s in zip(cols, slots, strict=True) if s >= 0]
+    if not keep:
+        return stats, 0
+    c0 = keep[0][0]
+    width = keep[-1][0] + tile - c0
+    with scene.reader() as r:
+        chip = r.read(Window(c0, row_off, width, tile))
+    rng = np.random.default_rng(seed)
+    data = np.empty((len(keep), len(scene.bands), tile, tile), dtype=dtype)
+    valid = np.empty((len(keep), tile, tile), dtype=bool)
+    for k, (c, _) in enumerate(keep):
+        sl = slice(c - c0, c - c0 + tile)
+        data[k] = chip.data[:, :, sl]
+        valid[k] = chip.valid[:, sl]
+        stats.update(data[k], valid[k], rng)
+    tiles = zarr.open_array(os.path.join(store_path, "tiles"), mode="r+")
+    vmask = zarr.open_array(os.path.join(store_path, "valid"), mode="r+")
+    # keep slots are consecutive (row-major order of kept tiles): write runs in one call each
+    runs = _runs([s for _, s in keep])
+    k0 = 0
+    for s0, n in runs:
+        tiles[s0 : s0 + n] = data[k0 : k0 + n]
+        vmask[s0 : s0 + n] = valid[k0 : k0 + n]
+        k0 += n
+    return stats, int(data.nbytes)
+
+
+def _runs(slots: list[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for s in slots:
+        if runs and runs[-1][0] + runs[-1][1] == s:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((s, 1))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------- scheduling
+def _compute(tasks: list[Any], client: Any, workers: int | None, desc: str, show: bool) -> list[Any]:
+    """Run delayed tasks on the threaded scheduler or a distributed client, with a progress bar."""
+    if not tasks:
+        return []
+    bar = progress_bar(total=len(tasks), desc=desc, disable=not show, unit="strip")
+    try:
+        if client is not None:
+            from distributed import as_completed
+
+            futures = client.compute(tasks)
+            for _ in as_completed(futures):
+                bar.update(1)
+            return [f.result() for f in futures]
+        from dask.callbacks import Callback
+
+        keys = {t.key for t in tasks}
+
+        class _Tick(Callback):
+            def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+                if key in keys:
+                    bar.update(1)
+
+        with _Tick():
+            return list(dask.compute(*tasks, scheduler="threads", num_workers=workers or os.cpu_count()))
+    finally:
+        bar.close()
+
+
+def _client_for(scheduler: Any) -> tuple[Any, bool]:
+    """(client or None, whether we created it). ``scheduler`` is None/"threads", an address or a Client."""
+    if scheduler is None or scheduler in ("threads", "local"):
+        return None, False
+    from distributed import Client
+
+    if isinstance(scheduler, Client):
+        return scheduler, False
+    return Client(scheduler), True
+
+
+# ---------------------------------------------------------------------------------------------- main API
+def ingest(
+    sources: Sequence[str | os.PathLike],
+    store: str | os.PathLike,
+    *,
+    tile_size: int = 256,
+    bands: Sequence[str | int] | None = None,
+    res: float | None = None,
+    crs: Any = None,
+    assume_crs: Any = None,
+    nodata: float | None = None,
+    min_valid: float = 0.5,
+    resampling: str = "bilinear",
+    scheduler: Any = None,
+    workers: int | None = None,
+    progress: bool = True,
+    on_scene_done: Callable[[str], None] | None = None,
+) -> IngestReport:
+    """Chip scenes into a Zarr v3 tile store (created if missing, appended to otherwise).
+
+    Args:
+        sources: files, band folders, STAC item JSONs, or folders to search (see :func:`discover_sources`).
+        store: path of the ``.zarr`` store.
+        tile_size: tile side in pixels.
+        bands: band names (or 1-based positions) to keep, in order; default: all bands of the first scene
+            (or the store's bands when appending). A scene missing one of them is skipped and reported.
+        res, crs: reproject every scene onto this resolution / CRS (default: each scene's own grid).
+        assume_crs: CRS for files that have none (they are refused otherwise).
+        nodata: nodata override for all files.
+        min_valid: tiles with a smaller fraction of valid pixels are not stored (counted in the report).
+        resampling: resampling for reprojection and for bands at another resolution.
+        scheduler: None / ``"threads"`` for dask's threaded scheduler, or a ``dask.distributed`` scheduler
+            address (``"tcp://..."``) or ``Client``.
+        workers: threads for the threaded scheduler (default: all cores).
+        progress: show progress bars.
+        on_scene_done: called with the scene id after each committed scene (used by tests and pipelines).
+
+    Returns:
+        An :class:`IngestReport`.
+    """
+    t_start = time.perf_counter()
+    store_path = Path(store).expanduser().absolute()
+    report = IngestReport(str(store_path))
+    if not 0.0 <= min_valid <= 1.0:
+        raise ValueError(f"min_valid must be within [0, 1], got {min_valid}")
+    if tile_size < 16:
+        raise ValueError(f"tile_size must be at least 16 pixels, got {tile_size}")
+    _check_store_writable(store_path)
+    ts: TileStore | None = None
+    if (store_path / "zarr.json").exists():
+        ts = TileStore.open(store_path, mode="r+")
+        if ts.tile_size != tile_size:
+            raise TileStoreError(
+                f"{store_path} holds {ts.tile_size}px tiles but --tile {tile_size} was asked; "
+                "use the same tile size or a new store"
+            )
+        pending = ts.recover()
+        if pending:
+            report.recovered = pending["id"]
+            log.warning("store %s: undid interrupted scene %s; it will be redone", store_path, pending["id"])
+    select = list(bands) if bands is not None else (ts.band_names if ts is not None else None)
+    client, own_client = _client_for(scheduler)
+    try:
+        for src in discover_sources(sources):
+            try:
+                scene = open_scene(src, bands=select, crs=assume_crs, nodata=nodata, target_crs=crs, res=res,
+                                   resampling=resampling)
+                if ts is None:
+                    ts = TileStore.create(store_path, list(scene.band_names), tile_size, scene.dtype)
+                    if select is None:  # later scenes must provide the first scene's bands
+                        select = list(scene.band_names)
+                if not np.can_cast(np.dtype(scene.dtype), ts.dtype, casting="safe"):
+                    raise DinoGeoIOError(
+                        f"{src}: pixel type {scene.dtype} does not fit the store's {ts.dtype}; ingest it into "
+                        "a separate store", src)
+            except (DinoGeoIOError, ValueError, OSError) as e:
+                log.warning("skipping %s: %s", src, e)
+                report.skipped.append((str(src), str(e)))
+                if ts is not None:
+                    ts.record_skip(str(src), str(e))
+                continue
+            fp = _fingerprint(scene)
+            rec = ts.scene_record(scene.id)
+            if rec is not None:
+                if rec.get("fingerprint") == fp:
+                    report.already.append(scene.id)
+                    continue
+                why = f"a different scene with id {scene.id!r} is already in the store (from {rec['sources']})"
+                report.skipped.append((str(src), why))
+                ts.record_skip(str(src), why)
+                continue
+            _ingest_scene(scene, ts, tile_size, min_valid, client, workers, progress, report, fp)
+            report.ingested.append(scene.id)
+            if on_scene_done is not None:
+                on_scene_done(scene.id)
+    finally:
+        if own_client:
+            client.close()
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _check_store_writable(path: Path) -> None:
+    if path.exists():
+        if not path.is_dir():
+            raise OutputError(path, "a file (not a Zarr store folder) exists at that path")
+        if not os.access(path, os.W_OK):
+            raise OutputError(path, "the store folder is not writable")
+    else:
+        check_writable(path)
+
+
+def _ingest_scene(
+    scene: Scene,
+    ts: TileStore,
+    tile: int,
+    min_valid: float,
+    client: Any,
+    workers: int | None,
+    progress: bool,
+    report: IngestReport,
+    fingerprint: list[list[Any]],
+) -> None:
+    g = scene.grid
+    windows = tile_windows(g.height, g.width, tile)
+    rows = sorted({int(w.row_off) for w in windows})
+    cols = sorted({int(w.col_off) for w in windows})
+    # pass 1: valid fraction of every candidate tile
+    if _all_valid(scene):
+        fr = [[(min(tile, g.height - r) * min(tile, g.width - c)) / tile**2 for c in cols] for r in rows]
+    else:
+        tasks = [dask.delayed(_strip_valid_fractions)(scene, r, cols, tile) for r in rows]
+        fr = _compute(tasks, client, workers, f"{scene.id[:28]} masks", progress)
+    kept = [(r, c, f) for r, row in zip(rows, fr, strict=True) for c, f in zip(cols, row, strict=True) if f >= min_valid
+            and f > 0]
+    n_candidates = len(rows) * len(cols)
+    report.tiles_below_min_valid += n_candidates - len(kept)
+    start = ts.begin_scene(scene.id, len(kept))
+    slot_of = {(r, c): start + i for i, (r, c, _) in enumerate(kept)}
+    # per-tile metadata
+    n = len(kept)
+    crs_str = scene.grid.crs.to_string() if scene.grid.crs.to_epsg() else scene.grid.crs.to_wkt()
+    transforms = np.zeros((n, 6))
+    bounds = np.zeros((n, 4))
+    for i, (r, c, _) in enumerate(kept):
+        sub = g.window_grid(Window(c, r, tile, tile))
+        transforms[i] = list(sub.transform)[:6]
+        bounds[i] = sub.bounds
+    dt = np.datetime64(scene.datetime.replace(tzinfo=None), "ns") if scene.datetime else np.datetime64("NaT", "ns")
+    if n:
+        ts.write_meta(start, {
+            "scene_id": np.asarray([scene.id] * n),
+            "datetime": np.full(n, dt, dtype="datetime64[ns]"),
+            "crs": np.asarray([crs_str] * n),
+            "transform": transforms,
+            "bounds": bounds,
+            "valid_fraction": np.asarray([f for _, _, f in kept], np.float32),
+            "row_off": np.asarray([r for r, _, _ in kept], np.int32),
+            "col_off": np.asarray([c for _, c, _ in kept], np.int32),
+        })
+    # pass 2: write tiles
+    tasks = []
+    for r in rows:
+        slots = [slot_of.get((r, c), -1) for c in cols]
+        if any(s >= 0 for s in slots):
+            tasks.append(dask.delayed(_strip_write)(scene, str(ts.path), r, cols, slots, tile, str(ts.dtype),
+                                                    zlib.crc32(f"{scene.id}:{r}".encode())))
+    results = _compute(tasks, client, workers, f"{scene.id[:28]} tiles", progress)
+    rng = np.random.default_rng(0)
+    stats = BandStats(len(scene.bands))
+    nbytes = 0
+    for st, nb in results:
+        stats.merge(st, rng)
+        nbytes += nb
+    record = {
+        "id": scene.id,
+        "sources": list(scene.paths),
+        "fingerprint": fingerprint,
+        "datetime": scene.datetime.isoformat() if scene.datetime else None,
+        "crs": crs_str,
+        "grid": g.to_dict(),
+        "tile_start": start,
+        "tile_count": n,
+        "tiles_below_min_valid": n_candidates - n,
+        "band_mean": [float(v) for v in stats.mean],
+        "metadata": {k: v for k, v in scene.metadata.items() if k != "tags"},
+    }
+    ts.commit_scene(record, stats, rng)
+    report.tiles_written += n
+    report.bytes_written += nbytes
+    log.info("ingested %s: %d tiles (%d below min-valid)", scene.id, n, n_candidates - n)

@@ -1,0 +1,207 @@
+"""The tile store: a Zarr v3 group of fixed-size, georeferenced tiles ready for pretraining.
+
+Layout (all arrays share the ``tile`` dimension; xarray opens it with ``xr.open_zarr(path)``)::
+
+    tiles          (tile, band, y, x)  scene dtype, one chunk per tile; invalid pixels are 0
+    valid          (tile, y, x)        bool, True where every band is valid (not nodata/NaN/outside)
+    scene_id       (tile,)             str
+    datetime       (tile,)             datetime64[ns], NaT when unknown
+    crs            (tile,)             str ("EPSG:xxxx" or WKT)
+    transform      (tile, affine)      float64, GDAL order (a, b, c, d, e, f) of the tile's top-left pixel
+    bounds         (tile, edge)        float64, (left, bottom, right, top) in the tile's CRS
+    valid_fraction (tile,)             float32
+    row_off/col_off(tile,)             int32, the tile's offset in its scene grid
+    stats_sample   (band, sample)      float64, uniform sample of valid pixels for percentiles
+
+Group attributes hold the band names, tile size, dtype, the per-band statistics (mean, std, min, max,
+percentiles over valid pixels), and the ledger of ingested scenes. Scenes are committed one at a time:
+a scene's tiles count only once its ledger entry says ``complete``; a run killed midway leaves a
+``pending`` entry that the next run truncates away before redoing that scene, so there are never duplicates
+and the store stays readable at every moment.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from dinov3geo.ingest.stats import PERCENTILES, BandStats
+
+FORMAT = "dinov3geo.tilestore"
+VERSION = 1
+PER_TILE = ("valid", "scene_id", "datetime", "crs", "transform", "bounds", "valid_fraction", "row_off", "col_off")
+
+
+class TileStoreError(ValueError):
+    """A tile store is missing, of another format, or inconsistent with the requested ingestion."""
+
+
+@dataclass
+class TileStore:
+    """Handle on a tile store (see module docstring). Open with :meth:`open` or :meth:`create`."""
+
+    path: Path
+    group: zarr.Group
+
+    # ------------------------------------------------------------------ open / create
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> TileStore:
+        """Open an existing store (``mode="r"`` read-only, ``"r+"`` to append)."""
+        p = Path(path)
+        if not (p / "zarr.json").exists():
+            raise TileStoreError(f"no tile store at {p} (missing zarr.json); create it with `dinov3geo ingest`")
+        g = zarr.open_group(str(p), mode=mode)
+        if g.attrs.get("format") != FORMAT:
+            raise TileStoreError(f"{p} is a Zarr group but not a dinov3geo tile store (format attribute missing)")
+        return cls(p, g)
+
+    @classmethod
+    def create(cls, path: str | Path, band_names: list[str], tile_size: int, dtype: str) -> TileStore:
+        """Create an empty store."""
+        p = Path(path)
+        g = zarr.open_group(str(p), mode="w-")
+        t, nb = tile_size, len(band_names)
+        g.create_array(
+            "tiles", shape=(0, nb, t, t), chunks=(1, nb, t, t), dtype=dtype, fill_value=0,
+            dimension_names=["tile", "band", "y", "x"],
+            attributes={"coordinates": "scene_id datetime crs transform bounds valid_fraction row_off col_off"},
+        )
+        g.create_array("valid", shape=(0, t, t), chunks=(1, t, t), dtype=bool, fill_value=False,
+                       dimension_names=["tile", "y", "x"])
+        meta_chunk = 4096
+        g.create_array("scene_id", shape=(0,), chunks=(meta_chunk,), dtype=str, dimension_names=["tile"])
+        g.create_array("datetime", shape=(0,), chunks=(meta_chunk,), dtype="datetime64[ns]",
+                       dimension_names=["tile"])
+        g.create_array("crs", shape=(0,), chunks=(meta_chunk,), dtype=str, dimension_names=["tile"])
+        g.create_array("transform", shape=(0, 6), chunks=(meta_chunk, 6), dtype="float64",
+                       dimension_names=["tile", "affine"])
+        g.create_array("bounds", shape=(0, 4), chunks=(meta_chunk, 4), dtype="float64",
+                       dimension_names=["tile", "edge"])
+        g.create_array("valid_fraction", shape=(0,), chunks=(meta_chunk,), dtype="float32",
+                       dimension_names=["tile"])
+        for name in ("row_off", "col_off"):
+            g.create_array(name, shape=(0,), chunks=(meta_chunk,), dtype="int32", dimension_names=["tile"])
+        g.create_array("band", shape=(nb,), chunks=(nb,), dtype=str, dimension_names=["band"])
+        g["band"][:] = np.asarray(band_names)
+        g.attrs.update({
+            "format": FORMAT, "version": VERSION, "band_names": list(band_names), "tile_size": tile_size,
+            "dtype": str(np.dtype(dtype)), "scenes": [], "pending": None, "skipped": [], "stats": None,
+        })
+        return cls(p, g)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def band_names(self) -> list[str]:
+        return list(self.group.attrs["band_names"])
+
+    @property
+    def tile_size(self) -> int:
+        return int(self.group.attrs["tile_size"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.group.attrs["dtype"])
+
+    @property
+    def scenes(self) -> list[dict[str, Any]]:
+        """Ledger of completely ingested scenes, in store order."""
+        return list(self.group.attrs["scenes"])
+
+    @property
+    def n_tiles(self) -> int:
+        """Tiles that belong to completely ingested scenes (the readable part of the store)."""
+        sc = self.scenes
+        return int(sc[-1]["tile_start"] + sc[-1]["tile_count"]) if sc else 0
+
+    @property
+    def stats(self) -> dict[str, Any] | None:
+        """Per-band statistics over valid pixels: ``{"mean", "std", "min", "max", "count", "percentiles"}``."""
+        return self.group.attrs.get("stats")
+
+    def scene_record(self, scene_id: str) -> dict[str, Any] | None:
+        return next((s for s in self.scenes if s["id"] == scene_id), None)
+
+    # ------------------------------------------------------------------ writing protocol
+    def recover(self) -> dict[str, Any] | None:
+        """Undo a scene left half-written by a killed run: truncate arrays to the committed tiles."""
+        pending = self.group.attrs.get("pending")
+        self._resize(self.n_tiles)
+        if pending is not None:
+            self.group.attrs["pending"] = None
+        return pending
+
+    def begin_scene(self, scene_id: str, n_tiles: int) -> int:
+        """Reserve ``n_tiles`` slots for a scene; returns the first slot index."""
+        start = self.n_tiles
+        self.group.attrs["pending"] = {"id": scene_id, "tile_start": start, "tile_count": n_tiles}
+        self._resize(start + n_tiles)
+        return start
+
+    def write_meta(self, start: int, meta: dict[str, np.ndarray]) -> None:
+        """Write per-tile metadata arrays for slots ``start:start+len``."""
+        n = len(meta["valid_fraction"])
+        for k, v in meta.items():
+            self.group[k][start : start + n] = v
+
+    def commit_scene(self, record: dict[str, Any], scene_stats: BandStats, rng: np.random.Generator) -> None:
+        """Mark the pending scene complete and fold its statistics into the store's."""
+        total = self._load_stats()
+        total = scene_stats if total is None else total.merge(scene_stats, rng)
+        self._save_stats(total)
+        scenes = self.scenes
+        scenes.append(record)
+        self.group.attrs.update({"scenes": scenes, "pending": None})
+
+    def record_skip(self, source: str, reason: str) -> None:
+        skipped = list(self.group.attrs.get("skipped") or [])
+        skipped.append({"source": source, "reason": reason})
+        self.group.attrs["skipped"] = skipped[-1000:]
+
+    def _resize(self, n: int) -> None:
+        t = self.group["tiles"]
+        t.resize((n, *t.shape[1:]))
+        for k in PER_TILE:
+            a = self.group[k]
+            a.resize((n, *a.shape[1:]))
+
+    def _load_stats(self) -> BandStats | None:
+        st = self.group.attrs.get("stats")
+        if not st:
+            return None
+        sample = self.group["stats_sample"][:] if "stats_sample" in self.group else None
+        return BandStats.from_dict(st["state"], sample)
+
+    def _save_stats(self, s: BandStats) -> None:
+        if "stats_sample" not in self.group:
+            self.group.create_array("stats_sample", shape=(s.n_bands, s.sample_size), chunks=(1, s.sample_size),
+                                    dtype="float64", fill_value=np.nan, dimension_names=["band", "sample"])
+        self.group["stats_sample"][:] = s.sample_array()
+        pct = s.percentiles()
+
+        def clean(a: np.ndarray) -> list[Any]:
+            return [None if not np.isfinite(v) else float(v) for v in np.asarray(a, np.float64).ravel()]
+
+        self.group.attrs["stats"] = json.loads(json.dumps({
+            "bands": self.band_names,
+            "count": s.count.astype(np.int64).tolist(),
+            "mean": clean(s.mean),
+            "std": clean(s.std),
+            "min": clean(s.minimum),
+            "max": clean(s.maximum),
+            "percentiles": {f"p{q:g}": clean(pct[:, i]) for i, q in enumerate(PERCENTILES)},
+            "percentiles_note": "approximate: from a uniform sample of valid pixels",
+            "state": s.to_dict(),
+        }))
+
+    # ------------------------------------------------------------------ reading helpers
+    def to_xarray(self) -> Any:
+        """The committed part of the store as a lazy ``xarray.Dataset``."""
+        import xarray as xr
+
+        ds = xr.open_zarr(str(self.path), consolidated=False)
+        return ds.isel(tile=slice(0, self.n_tiles))

@@ -42,3 +42,50 @@ def _torch_threads():
         return
     torch.manual_seed(0)
     yield
+
+
+def write_raster(
+    path: Path,
+    array,
+    crs="EPSG:32633",
+    transform=None,
+    nodata=None,
+    descriptions=None,
+    tiled: bool = False,
+    compress: str | None = None,
+    tags: dict | None = None,
+) -> Path:
+    """Write a small GeoTIFF for tests (``array`` is [bands, h, w] or [h, w])."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    arr = np.asarray(array)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if transform is None:
+        transform = from_origin(500000.0, 4000000.0, 10.0, 10.0)
+    profile = dict(driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=arr.shape[0],
+                   dtype=arr.dtype, crs=crs, transform=transform, nodata=nodata)
+    if tiled:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    if compress:
+        profile.update(compress=compress)
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(arr)
+        if descriptions:
+            for i, d in enumerate(descriptions, start=1):
+                ds.set_band_description(i, d)
+        if tags:
+            ds.update_tags(**tags)
+    return Path(path)
+
+
+@pytest.fixture
+def make_raster(tmp_path):
+    """Factory fixture: ``make_raster(name, array, **kw)`` writes a GeoTIFF under tmp_path."""
+
+    def _make(name: str, array, **kw) -> Path:
+        return write_raster(tmp_path / name, array, **kw)
+
+    return _make

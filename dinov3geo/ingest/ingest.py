@@ -32,7 +32,7 @@ from dinov3geo.ingest.stats import BandStats
 from dinov3geo.ingest.store import TileStore, TileStoreError
 from dinov3geo.io.errors import DinoGeoIOError, OutputError
 from dinov3geo.io.scene import GDAL_ENV, Scene
-from dinov3geo.io.sources import RASTER_SUFFIXES, _S2_FILE, open_scene
+from dinov3geo.io.sources import _S2_FILE, RASTER_SUFFIXES, open_scene
 from dinov3geo.io.windows import tile_windows
 from dinov3geo.utils.atomic import check_writable
 from dinov3geo.utils.progress import progress_bar

@@ -71,7 +71,7 @@ class GridSpec:
 
     def window_transform(self, window: Window) -> Affine:
         """Transform of a (possibly off-grid, boundless) window of this grid."""
-        return self.transform * Affine.translation(window.col_off, window.row_off)
+        return self.transform @ Affine.translation(window.col_off, window.row_off)
 
     def window_grid(self, window: Window) -> GridSpec:
         """The sub-grid of ``window`` (may extend beyond this grid)."""
@@ -81,7 +81,7 @@ class GridSpec:
         """A coarser grid with pixels ``factor`` times larger (e.g. the 16 px patch grid of a ViT)."""
         return GridSpec(
             self.crs,
-            self.transform * Affine.scale(factor),
+            self.transform @ Affine.scale(factor),
             max(1, math.ceil(self.width / factor)),
             max(1, math.ceil(self.height / factor)),
         )

@@ -94,7 +94,7 @@ def open_scene(
             renamed = True
     if band_names is not None and not renamed:
         if len(band_names) != len(band_list):
-            raise DinoGeoIOError(f"{len(band_names)} band_names given for {len(band_list)} bands of {source!r}")
+            raise ValueError(f"{len(band_names)} band_names given for {len(band_list)} bands of {source!r}")
         band_list = [
             Band(n, b.path, b.index, (b.name, *b.aliases), b.source) for n, b in zip(band_names, band_list, strict=True)
         ]
@@ -223,9 +223,8 @@ def _multiband_file(path: str, band_names: Sequence[str] | None) -> tuple[list[B
     m = _open_meta(path)
     if band_names is not None:
         if len(band_names) != m["count"]:
-            raise DinoGeoIOError(
-                f"{len(band_names)} band_names given but {path!r} has {m['count']} bands; give one name per band",
-                path,
+            raise ValueError(
+                f"{len(band_names)} band_names given but {path!r} has {m['count']} bands; give one name per band"
             )
         named = [(n, (f"b{i}",)) for i, n in enumerate(band_names, start=1)]
     else:

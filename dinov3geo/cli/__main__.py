@@ -1,0 +1,7 @@
+"""``python -m dinov3geo.cli`` runs the command line."""
+
+import sys
+
+from dinov3geo.cli import main
+
+sys.exit(main())

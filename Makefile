@@ -17,8 +17,11 @@ install: $(STAMP)
 
 ## Run the main job on the bundled data in data/ (outputs in outputs/demo/).
 demo: install
-	$(VENV)/bin/dinov3geo ingest data/ --out outputs/demo/tiles.zarr --tile 128 --min-valid 0.5
-	$(VENV)/bin/dinov3geo info outputs/demo/tiles.zarr
+	$(VENV)/bin/dinov3geo ingest data/neon_bart_2019/2019_BART_5_320000_4881000_image_crop.tif \
+		data/landsat/rasterio_RGB.byte.tif --bands red,green,blue --tile 128 --out outputs/demo/rgb_tiles.zarr
+	$(VENV)/bin/dinov3geo ingest data/pucallpa --tile 128 --out outputs/demo/pucallpa_tiles.zarr
+	$(VENV)/bin/dinov3geo info outputs/demo/rgb_tiles.zarr
+	@echo "demo outputs: outputs/demo/ (tile stores; open with xarray.open_zarr)"
 
 ## Run the test suite (CI: .ci/run). Slow tests are excluded; run them with `make test PYTEST_ARGS="-m slow"`.
 test: install

@@ -28,4 +28,7 @@ def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
     """Log to stderr: WARNING by default, INFO with ``-v``, DEBUG with ``-vv``; ERROR only with ``--quiet``."""
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    # GDAL's harmless TIFF quirk warnings (e.g. ExtraSamples) only with -vv
+    for name in ("rasterio", "rasterio._env", "distributed"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else max(level, logging.ERROR))
     set_quiet(quiet)

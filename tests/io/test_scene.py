@@ -227,3 +227,44 @@ def test_datetime_from_names():
 def test_no_geotransform_refused(shared_data):
     with pytest.raises(RasterReadError, match="no geotransform"):
         open_scene(shared_data / "change_pairs/oscd/bercy/cm/bercy-cm.tif", crs="EPSG:4326")
+
+
+def test_vrt_and_naip_four_band(shared_data, tmp_path):
+    from rasterio.shutil import copy as rio_copy
+
+    src = shared_data / "aerial_timeseries/naip_m_4709963_se_14/m_4709963_se_14_1_20090818.tif"
+    vrt = tmp_path / "naip.vrt"
+    rio_copy(str(src), str(vrt), driver="VRT")
+    a = open_scene(src, band_names=["red", "green", "blue", "nir"])
+    b = open_scene(vrt, band_names=["red", "green", "blue", "nir"])
+    assert a.grid.same_as(b.grid) and a.datetime == datetime(2009, 8, 18, tzinfo=UTC)
+    win = Window(100, 200, 128, 96)
+    ca, cb = a.select(["nir", "red"]).read(win), b.select(["nir", "red"]).read(win)
+    np.testing.assert_array_equal(ca.data, cb.data)
+    np.testing.assert_array_equal(ca.valid, cb.valid)
+    with rasterio.open(src) as ds:
+        np.testing.assert_array_equal(ca.data[0], ds.read(4, window=win))
+
+
+def test_list_of_single_band_files_on_one_grid(shared_data):
+    folder = shared_data / "change_pairs/oscd/aguasclaras/imgs_1"
+    files = sorted(folder.glob("*_B0[2348].tif"))
+    sc = open_scene(files)
+    assert sc.band_names == ("blue", "green", "red", "nir")
+    assert sc.read().data.shape == (4, 471, 525)
+
+
+def test_naip_dates_differ_in_grid_and_align_on_request(shared_data):
+    d = shared_data / "aerial_timeseries/naip_m_4709963_se_14"
+    a = open_scene(d / "m_4709963_se_14_1_20090818.tif")
+    b = open_scene(d / "m_4709963_se_14_1_20200831.tif")
+    assert not a.grid.same_as(b.grid)
+    b_on_a = b.with_grid(a.grid, resampling="nearest")
+    chip = b_on_a.read()
+    assert chip.data.shape == (4, a.grid.height, a.grid.width)
+    # the 2020 grid is offset by 1 m (0.2 px) in x and y: nearest resampling keeps the pixel indices
+    assert b.grid.transform.c == a.grid.transform.c - 1 and b.grid.transform.f == a.grid.transform.f - 1
+    with rasterio.open(d / "m_4709963_se_14_1_20200831.tif") as ds:
+        raw = ds.read(1)
+    np.testing.assert_array_equal(chip.data[0, :700, :900], raw[:700, :900])
+    assert not chip.valid[723:].any()  # the 2020 raster has one row fewer: the last row is outside

@@ -131,13 +131,67 @@ def _all_valid(scene: Scene) -> bool:
     return True
 
 
-def _strip_valid_fractions(scene: Scene, row_off: int, cols: list[int], tile: int) -> list[float]:
-    """Valid fraction of each tile of one strip (tile row)."""
-    width = (cols[-1] + tile) - cols[0]
+# Tasks read windows of whole tile rows/columns: as many tile rows as one block row of the files holds (so no
+# compressed block is decoded twice), at most MAX_TASK_ROWS_PX rows, and at most SEGMENT_PX columns, so a
+# task's memory does not grow with the scene's width.
+SEGMENT_PX = 2048
+MAX_TASK_ROWS_PX = 1024
+
+
+def _task_layout(scene: Scene, tile: int) -> tuple[int, int]:
+    """(tile rows, tile columns) of the block of tiles one task reads at once."""
+    cols = max(1, SEGMENT_PX // tile)
+    bh = bw = 0
+    try:
+        with rasterio.Env(**GDAL_ENV):
+            for path in scene.paths:
+                with rasterio.open(path) as ds:
+                    if ds.crs != scene.grid.crs or ds.transform != scene.grid.transform:
+                        return 1, cols  # read through a warp: file blocks do not map onto tiles
+                    for b in scene.bands:
+                        if b.path == path:
+                            h, w = ds.block_shapes[b.index - 1]
+                            bh, bw = max(bh, h), max(bw, w)
+    except (rasterio.errors.RasterioIOError, OSError, IndexError):
+        return 1, cols
+    rows = bh // tile if bh > tile and bh % tile == 0 else 1
+    rows = max(1, min(rows, MAX_TASK_ROWS_PX // tile))
+    if bw > tile and bw % tile == 0:  # segments start on block boundaries
+        step = bw // tile
+        cols = max(step, cols // step * step)
+    return rows, cols
+
+
+def _block_valid_counts(scene: Scene, row_offs: list[int], cols: list[int], tile: int) -> np.ndarray:
+    """Valid pixels of each tile of a block of tiles (consecutive tile rows ``row_offs`` x columns ``cols``)."""
+    r0, c0 = row_offs[0], cols[0]
     with scene.reader() as r:
-        chip = r.read(Window(cols[0], row_off, width, tile))
-    v = chip.valid
-    return [float(v[:, c - cols[0] : c - cols[0] + tile].mean()) for c in cols]
+        chip = r.read(Window(c0, r0, cols[-1] + tile - c0, row_offs[-1] + tile - r0))
+    v = chip.valid.reshape(len(row_offs), tile, len(cols), tile)
+    return v.sum(axis=(1, 3), dtype=np.int64)
+
+
+def _block_write(
+    scene: Scene,
+    store_path: str,
+    strips: list[tuple[int, list[int], list[int], int, int]],
+    tile: int,
+    dtype: str,
+) -> list[tuple[BandStats, int]]:
+    """Read a block of consecutive tile rows once; write each row's kept tiles with :func:`_strip_write`.
+
+    ``strips``: per tile row ``(row_off, cols, slots, seed, quota)``, as for :func:`_strip_write`.
+    """
+    kept_cols = [c for _, cols, slots, _, _ in strips for c, s in zip(cols, slots, strict=True) if s >= 0]
+    r0, c0 = strips[0][0], min(kept_cols)
+    with scene.reader() as r:
+        chip = r.read(Window(c0, r0, max(kept_cols) + tile - c0, strips[-1][0] + tile - r0))
+    out = []
+    for row_off, cols, slots, seed, quota in strips:
+        y = slice(row_off - r0, row_off - r0 + tile)
+        strip = (chip.data[:, y], chip.valid[y], c0)
+        out.append(_strip_write(scene, store_path, row_off, cols, slots, tile, dtype, seed, quota=quota, strip=strip))
+    return out
 
 
 def _strip_write(
@@ -149,26 +203,36 @@ def _strip_write(
     tile: int,
     dtype: str,
     seed: int,
+    quota: int | None = None,
+    strip: tuple[np.ndarray, np.ndarray, int] | None = None,
 ) -> tuple[BandStats, int]:
-    """Read one strip, write its kept tiles into their slots, return statistics of their valid pixels."""
+    """Write the kept tiles of one strip (tile row) into their slots, return statistics of their valid pixels.
+
+    ``strip``: the strip's pixels already read, as ``(data [bands, tile, w], valid [tile, w], col_off of
+    column 0)``; read here when None. ``quota``: sample share of these pixels (see :meth:`BandStats.update`).
+    """
     import zarr
 
     stats = BandStats(len(scene.bands))
     keep = [(c, s) for c, s in zip(cols, slots, strict=True) if s >= 0]
     if not keep:
         return stats, 0
-    c0 = keep[0][0]
-    width = keep[-1][0] + tile - c0
-    with scene.reader() as r:
-        chip = r.read(Window(c0, row_off, width, tile))
+    if strip is None:
+        c0 = keep[0][0]
+        width = keep[-1][0] + tile - c0
+        with scene.reader() as r:
+            chip = r.read(Window(c0, row_off, width, tile))
+        strip = (chip.data, chip.valid, c0)
+    sdata, svalid, x0 = strip
     rng = np.random.default_rng(seed)
     data = np.empty((len(keep), len(scene.bands), tile, tile), dtype=dtype)
     valid = np.empty((len(keep), tile, tile), dtype=bool)
     for k, (c, _) in enumerate(keep):
-        sl = slice(c - c0, c - c0 + tile)
-        data[k] = chip.data[:, :, sl]
-        valid[k] = chip.valid[:, sl]
-        stats.update(data[k], valid[k], rng)
+        sl = slice(c - x0, c - x0 + tile)
+        data[k] = sdata[:, :, sl]
+        valid[k] = svalid[:, sl]
+    # statistics of the whole strip at once (one sample draw, not one per tile)
+    stats.update(data.transpose(1, 0, 2, 3), valid, rng, quota=quota)
     tiles = zarr.open_array(os.path.join(store_path, "tiles"), mode="r+")
     vmask = zarr.open_array(os.path.join(store_path, "valid"), mode="r+")
     # keep slots are consecutive (row-major order of kept tiles): write runs in one call each
@@ -179,6 +243,18 @@ def _strip_write(
         vmask[s0 : s0 + n] = valid[k0 : k0 + n]
         k0 += n
     return stats, int(data.nbytes)
+
+
+def _quotas(counts: list[int], size: int) -> list[int]:
+    """Shares of a ``size``-value sample proportional to ``counts`` (largest remainders; all when fewer)."""
+    total = sum(counts)
+    if total <= size:
+        return list(counts)
+    exact = [size * n / total for n in counts]
+    q = [int(e) for e in exact]
+    for i in sorted(range(len(counts)), key=lambda i: q[i] - exact[i])[: size - sum(q)]:
+        q[i] += 1
+    return q
 
 
 def _runs(slots: list[int]) -> list[tuple[int, int]]:
@@ -358,14 +434,22 @@ def _ingest_scene(
     windows = tile_windows(g.height, g.width, tile)
     rows = sorted({int(w.row_off) for w in windows})
     cols = sorted({int(w.col_off) for w in windows})
-    # pass 1: valid fraction of every candidate tile
+    n_rows, n_cols = _task_layout(scene, tile)
+    row_groups = [rows[i : i + n_rows] for i in range(0, len(rows), n_rows)]
+    col_groups = [cols[j : j + n_cols] for j in range(0, len(cols), n_cols)]
+    # pass 1: valid pixels of every candidate tile
     if _all_valid(scene):
-        fr = [[(min(tile, g.height - r) * min(tile, g.width - c)) / tile**2 for c in cols] for r in rows]
+        counts = np.array([[min(tile, g.height - r) * min(tile, g.width - c) for c in cols] for r in rows], np.int64)
     else:
-        tasks = [dask.delayed(_strip_valid_fractions)(scene, r, cols, tile) for r in rows]
-        fr = _compute(tasks, client, workers, f"{scene.id[:28]} masks", progress)
-    kept = [(r, c, f) for r, row in zip(rows, fr, strict=True) for c, f in zip(cols, row, strict=True) if f >= min_valid
-            and f > 0]
+        tasks = [dask.delayed(_block_valid_counts)(scene, rg, cg, tile) for rg in row_groups for cg in col_groups]
+        parts = iter(_compute(tasks, client, workers, f"{scene.id[:28]} masks", progress))
+        counts = np.zeros((len(rows), len(cols)), np.int64)
+        for i in range(0, len(rows), n_rows):
+            for j in range(0, len(cols), n_cols):
+                counts[i : i + n_rows, j : j + n_cols] = next(parts)
+    fr = counts / tile**2
+    kept = [(r, c, float(fr[i, j])) for i, r in enumerate(rows) for j, c in enumerate(cols)
+            if fr[i, j] >= min_valid and fr[i, j] > 0]
     n_candidates = len(rows) * len(cols)
     report.tiles_below_min_valid += n_candidates - len(kept)
     start = ts.begin_scene(scene.id, len(kept))
@@ -391,20 +475,32 @@ def _ingest_scene(
             "row_off": np.asarray([r for r, _, _ in kept], np.int32),
             "col_off": np.asarray([c for _, c, _ in kept], np.int32),
         })
-    # pass 2: write tiles
-    tasks = []
-    for r in rows:
-        slots = [slot_of.get((r, c), -1) for c in cols]
-        if any(s >= 0 for s in slots):
-            tasks.append(dask.delayed(_strip_write)(scene, str(ts.path), r, cols, slots, tile, str(ts.dtype),
-                                                    zlib.crc32(f"{scene.id}:{r}".encode())))
+    # pass 2: write tiles, one task per block of tiles; each strip part draws a share of the statistics sample
+    # proportional to its valid pixels, so the parts' samples join into one without resampling
+    parts_spec = []
+    for rg in row_groups:
+        for cg in col_groups:
+            strips = []
+            for r in rg:
+                slots = [slot_of.get((r, c), -1) for c in cg]
+                if any(s >= 0 for s in slots):
+                    n_valid = sum(int(counts[r // tile, c // tile]) for c, s in zip(cg, slots, strict=True) if s >= 0)
+                    strips.append([r, cg, slots, zlib.crc32(f"{scene.id}:{r}:{cg[0]}".encode()), n_valid])
+            if strips:
+                parts_spec.append(strips)
+    stats = BandStats(len(scene.bands))
+    flat = [st for strips in parts_spec for st in strips]
+    for st, q in zip(flat, _quotas([st[4] for st in flat], stats.sample_size), strict=True):
+        st[4] = q
+    tasks = [dask.delayed(_block_write)(scene, str(ts.path), [tuple(st) for st in strips], tile, str(ts.dtype))
+             for strips in parts_spec]
     results = _compute(tasks, client, workers, f"{scene.id[:28]} tiles", progress)
     rng = np.random.default_rng(0)
-    stats = BandStats(len(scene.bands))
     nbytes = 0
-    for st, nb in results:
-        stats.merge(st, rng)
-        nbytes += nb
+    for part in results:
+        for st, nb in part:
+            stats.join(st)
+            nbytes += nb
     record = {
         "id": scene.id,
         "sources": list(scene.paths),

@@ -1,0 +1,295 @@
+"""Benchmark of region inference (``dinov3geo.inference.predict_raster``) against two references.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/inference.py --size 4096 --small-size 1024          # quick (~3 min)
+    .venv/bin/python benchmarks/inference.py                                          # 20000^2 (3.2 GB raw)
+    .venv/bin/python benchmarks/inference.py --size 20000 --skip-torchgeo --json out.json
+
+In one run it
+
+1. generates (or reuses from ``--workdir``) a tiled (512), deflate-compressed, 4-band uint16 GeoTIFF of
+   ``--size``\\ :sup:`2` pixels, window by window (never whole in memory), and a ``--small-size`` one;
+2. measures the **model-only floor**: the same backbone model (random DINOv3 weights, ``--arch``, features at
+   1/16 resolution, optional 1x1 head) called on tensors already in memory, with exactly the engine's batch
+   shapes (the same number of windows of the same size, batched the same way), twice (before and after the
+   engine run; the mean is used, which evens out drift on a shared machine);
+3. runs the **engine** (``predict_raster``: lazy windowed reads, blending, block manifest, COG output with
+   overviews) on the same raster in a fresh process; throughput in input megapixels/s and its ratio to the
+   floor (goal >= 0.95);
+4. runs the engine on the small raster in a fresh process: peak RSS large / small (goal <= 1.2);
+5. does the same region **the torchgeo way** (``RasterDataset`` + ``GridGeoSampler`` with the same window and
+   stride + ``DataLoader`` + hand-written stitching into in-memory arrays + a GeoTIFF write) in a fresh
+   process (goal: engine >= 3x faster), unless ``--skip-torchgeo``;
+6. prints a table with every number and goal, and optionally writes them as JSON.
+
+Generated rasters are deleted at the end unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from _common import child_main, environment, log, print_table, run_child, write_json
+
+GOAL_RATIO = 0.95
+GOAL_RSS = 1.2
+GOAL_TORCHGEO = 3.0
+HERE = Path(__file__).resolve()
+
+
+# ---------------------------------------------------------------------------------------------- raster
+def generate(path: Path, size: int, bands: int = 4, strip: int = 512) -> None:
+    """A smooth-plus-noise uint16 raster written strip by strip (tiled 512, deflate, predictor 2)."""
+    import rasterio
+    from rasterio.transform import from_origin
+
+    if path.exists():
+        return
+    tmp = path.with_name(path.name + ".tmp.tif")
+    rng = np.random.default_rng(0)
+    profile = dict(driver="GTiff", width=size, height=size, count=bands, dtype="uint16", crs="EPSG:32633",
+                   transform=from_origin(400000.0, 5000000.0, 0.5, 0.5), tiled=True, blockxsize=512,
+                   blockysize=512, compress="deflate", predictor=2, num_threads=2, bigtiff="IF_SAFER")
+    xx = np.arange(size, dtype=np.float32)[None, :]
+    with rasterio.Env(GDAL_CACHEMAX=256), rasterio.open(tmp, "w", **profile) as ds:
+        for r in range(0, size, strip):
+            h = min(strip, size - r)
+            yy = np.arange(r, r + h, dtype=np.float32)[:, None]
+            block = np.empty((bands, h, size), dtype=np.uint16)
+            for b in range(bands):
+                base = 3000 + 1500 * np.sin(yy / (97 + 13 * b)) * np.cos(xx / (131 + 7 * b))
+                block[b] = (base + rng.integers(0, 400, (h, size))).astype(np.uint16)
+            ds.write(block, window=rasterio.windows.Window(0, r, size, h))
+    tmp.rename(path)
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_model(spec: dict[str, Any]) -> Any:
+    import torch
+
+    from dinov3geo.inference import BackboneFeatures
+    from dinov3geo.models import build_backbone
+
+    torch.manual_seed(0)
+    bb = build_backbone(spec["arch"], in_chans=4).eval()
+    head = None
+    if spec["head_bands"]:
+        head = torch.nn.Conv2d(bb.embed_dim, spec["head_bands"], 1).eval()
+    return BackboneFeatures(bb, value_scale=1e-4, head=head, out_bands=spec["head_bands"] or None)
+
+
+def _setup_threads(spec: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+
+
+def _batch_sizes(spec: dict[str, Any], model: Any, size: int) -> list[int]:
+    """The engine's batch sizes on a fully valid ``size x size`` raster (batches never span blocks)."""
+    from dinov3geo.inference import make_layout
+
+    layout = make_layout(model, size, size, window=spec["window"], overlap=spec["overlap"])
+    sizes: list[int] = []
+    for b in layout.blocks():
+        n = len(layout.block_cells(*b))
+        sizes += [spec["batch"]] * (n // spec["batch"]) + ([n % spec["batch"]] if n % spec["batch"] else [])
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------- children
+def child_engine(spec: dict[str, Any]) -> dict[str, Any]:
+    _setup_threads(spec)
+    from dinov3geo.inference import predict_raster
+
+    model = build_model(spec)
+    out = Path(spec["out"])
+    t0 = time.perf_counter()
+    predict_raster(model, spec["raster"], out, window=spec["window"], overlap=spec["overlap"],
+                   batch_size=spec["batch"], amp=spec["amp"], device="cpu", progress=False, resume=False)
+    seconds = time.perf_counter() - t0
+    size_mb = out.stat().st_size / 1e6
+    out.unlink()
+    return {"seconds": seconds, "out_mb": size_mb}
+
+
+def child_model_only(spec: dict[str, Any]) -> dict[str, Any]:
+    _setup_threads(spec)
+    import contextlib
+
+    import torch
+
+    model = build_model(spec).eval()
+    sizes = _batch_sizes(spec, model, spec["size"])
+    w = spec["window"]
+    rng = np.random.default_rng(1)
+    tensors = {n: torch.from_numpy(rng.integers(1000, 6000, (n, 4, w, w)).astype(np.float32)) for n in set(sizes)}
+    valid = {n: torch.ones(n, w, w, dtype=torch.bool) for n in set(sizes)}
+    amp = torch.bfloat16 if spec["amp"] == "bf16" else None
+    ctx = (lambda: torch.autocast("cpu", dtype=amp)) if amp else contextlib.nullcontext
+
+    def one_pass() -> float:
+        t0 = time.perf_counter()
+        for n in sizes:
+            with torch.inference_mode(), ctx():
+                y = model(tensors[n], valid[n])
+            y.float().cpu().numpy()
+        return time.perf_counter() - t0
+
+    with torch.inference_mode(), ctx():  # warm-up
+        model(tensors[sizes[0]], valid[sizes[0]])
+    return {"seconds": one_pass(), "windows": sum(sizes), "batches": len(sizes)}
+
+
+def child_torchgeo(spec: dict[str, Any]) -> dict[str, Any]:
+    """The torchgeo way: RasterDataset + GridGeoSampler + DataLoader, stitched by hand in memory."""
+    _setup_threads(spec)
+    import contextlib
+
+    import rasterio
+    import torch
+    from torch.utils.data import DataLoader
+    from torchgeo.datasets import RasterDataset, stack_samples
+    from torchgeo.samplers import GridGeoSampler
+
+    raster = Path(spec["raster"])
+
+    class Region(RasterDataset):
+        filename_glob = raster.name
+        is_image = True
+
+    model = build_model(spec).eval()
+    scale = model.scale
+    t0 = time.perf_counter()
+    ds = Region(paths=str(raster.parent))
+    sampler = GridGeoSampler(ds, size=spec["window"], stride=spec["window"] - spec["overlap"])
+    loader = DataLoader(ds, sampler=sampler, batch_size=spec["batch"], collate_fn=stack_samples,
+                        num_workers=spec["tg_workers"])
+    with rasterio.open(raster) as src:
+        left, top, res, height, width = src.bounds.left, src.bounds.top, src.res[0], src.height, src.width
+        profile = src.profile
+    oh, ow = math.ceil(height / scale), math.ceil(width / scale)
+    k = model.out_bands
+    acc = np.zeros((k, oh, ow), dtype=np.float32)
+    cnt = np.zeros((oh, ow), dtype=np.float32)
+    amp = torch.bfloat16 if spec["amp"] == "bf16" else None
+    ctx = (lambda: torch.autocast("cpu", dtype=amp)) if amp else contextlib.nullcontext
+    n = 0
+    for batch in loader:
+        x = batch["image"].float()
+        with torch.inference_mode(), ctx():
+            y = model(x, torch.ones(x.shape[0], *x.shape[2:], dtype=torch.bool)).float().numpy()
+        for b, (xs, ys, _t) in enumerate(batch["bounds"]):
+            c = round((xs.start - left) / res) // scale
+            r = round((top - ys.stop) / res) // scale
+            hh, ww = min(y.shape[2], oh - r), min(y.shape[3], ow - c)
+            acc[:, r : r + hh, c : c + ww] += y[b, :, :hh, :ww]
+            cnt[r : r + hh, c : c + ww] += 1
+        n += x.shape[0]
+    out = np.divide(acc, cnt, out=np.full_like(acc, np.nan), where=cnt > 0)
+    profile.update(count=k, dtype="float32", nodata=float("nan"), compress="deflate", predictor=3,
+                   transform=profile["transform"] * rasterio.Affine.scale(scale), width=ow, height=oh,
+                   blockxsize=256, blockysize=256, tiled=True)
+    with rasterio.open(spec["out"], "w", **profile) as dst:
+        dst.write(out)
+    seconds = time.perf_counter() - t0
+    Path(spec["out"]).unlink()
+    return {"seconds": seconds, "windows": n, "missing_px": int((cnt == 0).sum())}
+
+
+HANDLERS = {"engine": child_engine, "model_only": child_model_only, "torchgeo": child_torchgeo}
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=20000, help="side of the large raster (px)")
+    ap.add_argument("--small-size", type=int, default=5000, help="side of the small raster for the RSS ratio")
+    ap.add_argument("--workdir", default="/tmp/dinov3geo-bench-inference")
+    ap.add_argument("--arch", default="vits16", help="DINOv3 arch (random weights)")
+    ap.add_argument("--head-bands", type=int, default=0, help="1x1 conv head to this many bands (0: features)")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--overlap", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--amp", default="bf16", choices=["bf16", "none"])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tg-workers", type=int, default=1, help="DataLoader workers for the torchgeo run")
+    ap.add_argument("--skip-torchgeo", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the generated rasters")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child_main(HANDLERS, args.child)
+        return
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    big, small = work / f"region_{args.size}.tif", work / f"region_{args.small_size}.tif"
+    base = {"arch": args.arch, "head_bands": args.head_bands, "window": args.window, "overlap": args.overlap,
+            "batch": args.batch, "amp": None if args.amp == "none" else args.amp, "threads": args.threads,
+            "tg_workers": args.tg_workers}
+    try:
+        for p, s in ((big, args.size), (small, args.small_size)):
+            log(f"generating {p} ({s}^2 x 4 uint16, {s * s * 8 / 1e9:.2f} GB raw)")
+            generate(p, s)
+        mp = args.size**2 / 1e6
+        res: dict[str, Any] = {"env": environment(), "args": vars(args), "megapixels": mp}
+        log("model-only floor (1/2)")
+        m1 = run_child(HERE, {**base, "kind": "model_only", "size": args.size})
+        log(f"  {m1['seconds']:.1f} s for {m1['windows']} windows; engine run")
+        eng = run_child(HERE, {**base, "kind": "engine", "raster": str(big), "out": str(work / "engine.tif")})
+        log(f"  engine {eng['seconds']:.1f} s; model-only floor (2/2)")
+        m2 = run_child(HERE, {**base, "kind": "model_only", "size": args.size})
+        log(f"  {m2['seconds']:.1f} s; engine on the small raster")
+        eng_small = run_child(HERE, {**base, "kind": "engine", "raster": str(small),
+                                     "out": str(work / "engine_small.tif")})
+        floor_s = statistics.mean([m1["seconds"], m2["seconds"]])
+        res.update(model_only=[m1, m2], engine=eng, engine_small=eng_small)
+        tg = None
+        if not args.skip_torchgeo:
+            log("torchgeo way")
+            tg = run_child(HERE, {**base, "kind": "torchgeo", "raster": str(big), "out": str(work / "tg.tif")})
+            res["torchgeo"] = tg
+        ratio = floor_s / eng["seconds"]
+        rss_ratio = eng["peak_rss_mib"] / eng_small["peak_rss_mib"]
+        rows = [
+            ["model only (tensors in memory, same windows)", mp / floor_s, None, "-", "floor"],
+            ["engine: predict_raster -> COG", mp / eng["seconds"], eng["peak_rss_mib"], ratio,
+             f">= {GOAL_RATIO} x floor: {'met' if ratio >= GOAL_RATIO else 'NOT met'}"],
+            [f"engine on {args.small_size}^2", args.small_size**2 / 1e6 / eng_small["seconds"],
+             eng_small["peak_rss_mib"], "-",
+             f"RSS {args.size}^2 / {args.small_size}^2 = {rss_ratio:.2f} (goal <= {GOAL_RSS}: "
+             f"{'met' if rss_ratio <= GOAL_RSS else 'NOT met'})"],
+        ]
+        res.update(ratio=ratio, rss_ratio=rss_ratio)
+        if tg is not None:
+            speedup = tg["seconds"] / eng["seconds"]
+            res["torchgeo_speedup"] = speedup
+            rows.append(["torchgeo: RasterDataset + GridGeoSampler + stitch", mp / tg["seconds"], tg["peak_rss_mib"],
+                         "-", f"engine {speedup:.2f}x faster (goal >= {GOAL_TORCHGEO}: "
+                         f"{'met' if speedup >= GOAL_TORCHGEO else 'NOT met'})"])
+        print_table(rows, ["run", "MP/s", "peak RSS MiB", "ratio to floor", "goal"],
+                    title=f"{args.size}^2 x 4 uint16, {args.arch} {args.amp}, window {args.window}, overlap "
+                          f"{args.overlap}, batch {args.batch}, {args.threads} threads")
+        if args.json:
+            write_json(args.json, res)
+        else:
+            print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1, default=str))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
+    main()

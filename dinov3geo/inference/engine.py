@@ -1,0 +1,760 @@
+"""Region-scale, resumable, out-of-core sliding-window inference: :func:`predict_raster`.
+
+How a run works (geometry in :mod:`dinov3geo.inference.layout`):
+
+1. The region is cut into *blocks* of windows. For each block the engine reads its windows lazily (skipping
+   windows with no valid pixel inside the AOI), runs the model in batches, and accumulates ``sum(w * y)`` and
+   ``sum(w)`` over the block's extent, where ``w`` is the blend weight times the pixel's validity.
+2. A finished block's accumulators are saved as ``<out>.parts/b_<row>_<col>.npy`` and the block is recorded
+   in ``<out>.parts/manifest.json`` (both written atomically). A re-run with the same inputs, model and
+   settings skips recorded blocks, so a killed run continues where it stopped and gives the same output.
+3. As soon as every block reaching into an output *tile* is finished, the tile is finalised
+   (``sum(w * y) / sum(w)``; nodata where the sum of weights is 0, i.e. input nodata or outside the AOI) and
+   written to a :class:`~dinov3geo.io.cog.COGWriter`. At the end the COG (overviews, nodata, CRS, band
+   descriptions) is moved into place atomically and the parts folder is removed.
+
+Locally, a reader thread reads and batches windows, the calling thread only runs the model, and a writer
+thread accumulates, saves blocks and writes tiles, so the model is never waiting on I/O. With a
+``dask.distributed`` client, blocks are tasks on the cluster's workers (which must see the output folder)
+and the client finalises tiles as blocks complete.
+
+Peak memory is bounded by the window size, batch size and block size (a block's accumulators, a tile, a few
+batches in flight and GDAL's block cache), not by the raster size. The parts folder holds the blocks' float32
+accumulators until the run finishes (about ``(K + 1) * 4`` bytes per output pixel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import shapely
+import torch
+from rasterio.windows import Window
+
+from dinov3geo.inference.layout import Layout, Rect, _intersect
+from dinov3geo.inference.models import RasterModel
+from dinov3geo.inference.sources import RasterSource, WindowReader, as_source
+from dinov3geo.io.cog import COGWriter
+from dinov3geo.io.grid import GridSpec
+from dinov3geo.io.vector import aoi_geometry, aoi_mask
+from dinov3geo.utils.atomic import check_writable
+from dinov3geo.utils.progress import progress_bar
+
+__all__ = ["InferenceConfig", "make_layout", "parts_dir", "predict_raster", "resolve_amp", "resolve_device"]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "dinov3geo.inference.manifest"
+MANIFEST_VERSION = 1
+_STOP = object()
+
+
+# ---------------------------------------------------------------------------------------------- device
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; anything else as given."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_amp(amp: str | bool | None, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: ``"auto"`` is bf16 on CUDA and fp32 (None) on CPU; ``"bf16"``/``"fp16"`` force it."""
+    if amp in (None, False, "none", "fp32", "float32"):
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if amp in (True, "bf16", "bfloat16"):
+        return torch.bfloat16
+    if amp in ("fp16", "float16", "half"):
+        return torch.float16
+    raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or None, got {amp!r}")
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class InferenceConfig:
+    """Everything a block needs, picklable for dask workers (built by :func:`predict_raster`)."""
+
+    source: RasterSource
+    layout: Layout
+    out_bands: int
+    parts: Path
+    batch_size: int
+    aoi: Any = None  # shapely geometry in the source CRS, or None
+    aoi_wkb: bytes | None = None
+    device: str = "cpu"
+    amp: str | None = None
+    read_threads: int = 1
+    _prepared: Any = field(default=None, repr=False, compare=False)
+
+    def prepared_aoi(self) -> Any:
+        if self.aoi is None:
+            return None
+        if self._prepared is None:
+            g = shapely.from_wkb(self.aoi_wkb) if self.aoi_wkb is not None else self.aoi
+            shapely.prepare(g)
+            self._prepared = g
+        return self._prepared
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_prepared"] = None
+        return state
+
+
+def parts_dir(out_path: str | os.PathLike[str]) -> Path:
+    """The folder holding the manifest and block results of a run writing ``out_path``."""
+    p = Path(out_path)
+    return p.with_name(p.name + ".parts")
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _read_window(cfg: InferenceConfig, reader: WindowReader, i: int, j: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Data and validity (inside the AOI) of lattice window ``(i, j)``; None when nothing is valid."""
+    lay, grid = cfg.layout, cfg.source.grid
+    win = lay.input_window(i, j)
+    aoi = cfg.prepared_aoi()
+    wgrid = grid.window_grid(win)
+    if aoi is not None:
+        wbox = shapely.box(*wgrid.bounds)
+        if not aoi.intersects(wbox):
+            return None
+    data, valid = reader.read(win)
+    if aoi is not None and not aoi.contains(wbox):
+        valid &= aoi_mask(shapely.clip_by_rect(aoi, *wgrid.bounds), wgrid)
+    if not valid.any():
+        return None
+    return data, valid
+
+
+def _valid_out(valid: np.ndarray, scale: int) -> np.ndarray:
+    """Output-pixel validity: any valid input pixel in the ``scale x scale`` cell."""
+    if scale == 1:
+        return valid
+    h, w = valid.shape
+    return valid.reshape(h // scale, scale, w // scale, scale).any(axis=(1, 3))
+
+
+@dataclass
+class _Batch:
+    block: tuple[int, int]
+    cells: list[tuple[int, int]]
+    x: torch.Tensor
+    valid: torch.Tensor
+    valid_out: np.ndarray
+
+
+def _block_batches(
+    cfg: InferenceConfig, read: Callable[[tuple[int, int]], Any], bi: int, bj: int, map_fn: Callable[..., Iterator]
+) -> Iterator[_Batch]:
+    """Batches of the non-empty windows of a block (batches never span blocks: results are deterministic)."""
+    cells = cfg.layout.block_cells(bi, bj)
+    if cfg.aoi is not None:  # whole block outside the AOI: no read at all
+        win = cfg.layout.block_input_window(bi, bj)
+        if not cfg.prepared_aoi().intersects(shapely.box(*cfg.source.grid.window_grid(win).bounds)):
+            return
+    pending: list[tuple[tuple[int, int], np.ndarray, np.ndarray]] = []
+    pin = torch.cuda.is_available() and resolve_device(cfg.device).type == "cuda"
+
+    def make() -> _Batch:
+        x = torch.from_numpy(np.stack([p[1] for p in pending]).astype(np.float32, copy=False))
+        v = torch.from_numpy(np.stack([p[2] for p in pending]))
+        if pin:
+            x, v = x.pin_memory(), v.pin_memory()
+        vo = np.stack([_valid_out(p[2], cfg.layout.scale) for p in pending])
+        return _Batch((bi, bj), [p[0] for p in pending], x, v, vo)
+
+    for cell, res in zip(cells, map_fn(read, cells), strict=True):
+        if res is None:
+            continue
+        pending.append((cell, res[0], res[1]))
+        if len(pending) == cfg.batch_size:
+            yield make()
+            pending = []
+    if pending:
+        yield make()
+
+
+def _run_model(model: RasterModel, batch: _Batch, device: torch.device, amp: torch.dtype | None,
+               out_bands: int, win_out: int) -> np.ndarray:
+    x = batch.x.to(device, non_blocking=True)
+    v = batch.valid.to(device, non_blocking=True)
+    ctx = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    with torch.inference_mode(), ctx:
+        y = model(x, v)
+    y = y.float().cpu().numpy()
+    expect = (x.shape[0], out_bands, win_out, win_out)
+    if y.shape != expect:
+        raise ValueError(
+            f"model returned {tuple(y.shape)} for a {tuple(x.shape)} batch; expected {expect} "
+            "(check out_bands and scale)"
+        )
+    return y
+
+
+# ---------------------------------------------------------------------------------------------- blocks
+class _Accumulator:
+    """``sum(w * y)`` (bands ``0..K-1``) and ``sum(w)`` (band ``K``) over one block's extent."""
+
+    def __init__(self, cfg: InferenceConfig, block: tuple[int, int]) -> None:
+        self.cfg = cfg
+        self.block = block
+        self.extent = cfg.layout.block_extent(*block)
+        r0, r1, c0, c1 = self.extent
+        self.acc = np.zeros((cfg.out_bands + 1, r1 - r0, c1 - c0), dtype=np.float32)
+        self.n = 0
+
+    def add(self, cell: tuple[int, int], y: np.ndarray, valid_out: np.ndarray) -> None:
+        lay = self.cfg.layout
+        r, c = lay.output_origin(*cell)
+        r0, r1, c0, c1 = self.extent
+        rr, cc = r - r0, c - c0
+        h = min(lay.window_out, (r1 - r0) - rr)
+        w = min(lay.window_out, (c1 - c0) - cc)
+        wy, wx = lay.weights(*cell)
+        wt = (np.outer(wy[:h], wx[:w]).astype(np.float32)) * valid_out[:h, :w]
+        k = self.cfg.out_bands
+        self.acc[:k, rr : rr + h, cc : cc + w] += y[:, :h, :w] * wt
+        self.acc[k, rr : rr + h, cc : cc + w] += wt
+        self.n += 1
+
+
+def _block_path(parts: Path, block: tuple[int, int]) -> Path:
+    return parts / f"b_{block[0]}_{block[1]}.npy"
+
+
+def _save_block(parts: Path, acc: _Accumulator) -> str:
+    if acc.n == 0:
+        return "empty"
+    final = _block_path(parts, acc.block)
+    tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}-{threading.get_ident()}.npy")
+    with open(tmp, "wb") as f:
+        np.save(f, acc.acc)
+    os.replace(tmp, final)
+    return "ok"
+
+
+def _process_block(cfg: InferenceConfig, model: RasterModel, reader: WindowReader,
+                   block: tuple[int, int]) -> tuple[tuple[int, int], str, int]:
+    """Read, predict and save one block synchronously (used by dask workers and ``threads=False``)."""
+    device = resolve_device(cfg.device)
+    amp = resolve_amp(cfg.amp, device)
+    acc = _Accumulator(cfg, block)
+    for batch in _block_batches(cfg, lambda cell: _read_window(cfg, reader, *cell), *block, map_fn=map):
+        y = _run_model(model, batch, device, amp, cfg.out_bands, cfg.layout.window_out)
+        for k, cell in enumerate(batch.cells):
+            acc.add(cell, y[k], batch.valid_out[k])
+    status = _save_block(cfg.parts, acc)
+    return block, status, acc.n
+
+
+_WORKER_MODELS: dict[str, RasterModel] = {}
+
+
+def _dask_block(cfg: InferenceConfig, model: RasterModel, key: str, block: tuple[int, int]) -> tuple[Any, str, int]:
+    """A dask task: process one block on a worker (model moved to the device once per worker)."""
+    m = _WORKER_MODELS.get(key)
+    if m is None:
+        m = model.to(resolve_device(cfg.device)).eval()
+        _WORKER_MODELS.clear()
+        _WORKER_MODELS[key] = m
+    with cfg.source.reader() as reader:
+        return _process_block(cfg, m, reader, block)
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+class _Manifest:
+    def __init__(self, parts: Path, fingerprint: str, config: dict[str, Any]) -> None:
+        self.path = parts / "manifest.json"
+        self.fingerprint = fingerprint
+        self.config = config
+        self.done: dict[str, str] = {}
+
+    @staticmethod
+    def key(block: tuple[int, int]) -> str:
+        return f"{block[0]}_{block[1]}"
+
+    def load(self) -> bool:
+        """Load an existing manifest of the same run; False when none (or a different run's)."""
+        if not self.path.exists():
+            return False
+        try:
+            m = json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        if m.get("format") != MANIFEST_FORMAT or m.get("fingerprint") != self.fingerprint:
+            return False
+        self.done = {k: v for k, v in m.get("done", {}).items()
+                     if v == "empty" or _block_path(self.path.parent, tuple(map(int, k.split("_")))).exists()}
+        return True
+
+    def mark(self, block: tuple[int, int], status: str) -> None:
+        self.done[self.key(block)] = status
+        self.save()
+
+    def is_done(self, block: tuple[int, int]) -> bool:
+        return self.key(block) in self.done
+
+    def save(self) -> None:
+        doc = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "fingerprint": self.fingerprint,
+               "config": self.config, "done": self.done}
+        tmp = self.path.with_name(f".manifest.tmp-{os.getpid()}.json")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.path)
+
+
+# ---------------------------------------------------------------------------------------------- tiles
+class _TileWriter:
+    """Finalises tiles whose blocks are all done and writes them to the COG writer."""
+
+    def __init__(self, cfg: InferenceConfig, model: RasterModel, writer: COGWriter, done: set[tuple[int, int]],
+                 empty: set[tuple[int, int]]) -> None:
+        self.cfg = cfg
+        self.writer = writer
+        self.done = done
+        self.empty = empty
+        self.written: set[tuple[int, int]] = set()
+        self.nodata = model.nodata
+        self.dtype = np.dtype(model.out_dtype)
+
+    def block_finished(self, block: tuple[int, int], status: str, acc: _Accumulator | None = None) -> None:
+        self.done.add(block)
+        if status == "empty":
+            self.empty.add(block)
+        lay = self.cfg.layout
+        bi, bj = block
+        for ti in (bi - 1, bi, bi + 1):
+            for tj in (bj - 1, bj, bj + 1):
+                inside = 0 <= ti < lay.n_block_rows and 0 <= tj < lay.n_block_cols
+                if inside and (ti, tj) not in self.written:
+                    deps = lay.tile_deps(ti, tj)
+                    if all(d in self.done for d in deps):
+                        self._write_tile((ti, tj), deps, acc)
+
+    def _write_tile(self, tile: tuple[int, int], deps: Sequence[tuple[int, int]], acc: _Accumulator | None) -> None:
+        lay, k = self.cfg.layout, self.cfg.out_bands
+        rect = lay.tile_rect(*tile)
+        t0, t1, u0, u1 = rect
+        total = np.zeros((k + 1, t1 - t0, u1 - u0), dtype=np.float32)
+        for d in deps:
+            if d in self.empty:
+                continue
+            ext = lay.block_extent(*d)
+            inter = _intersect(rect, ext)
+            if inter is None:
+                continue
+            src = _slice(inter, ext)
+            dst = _slice(inter, rect)
+            if acc is not None and acc.block == d:
+                total[(slice(None), *dst)] += acc.acc[(slice(None), *src)]
+            else:
+                arr = np.load(_block_path(self.cfg.parts, d), mmap_mode="r")
+                total[(slice(None), *dst)] += arr[(slice(None), *src)]
+                del arr
+        den = total[k]
+        has = den > 0
+        out = np.divide(total[:k], den, out=np.zeros_like(total[:k]), where=has)
+        fill = self.nodata if self.nodata is not None else 0
+        if np.issubdtype(self.dtype, np.integer):
+            info = np.iinfo(self.dtype)
+            out = np.clip(np.rint(out), info.min, info.max)
+        out = np.where(has, out, np.asarray(fill, dtype=np.float64)).astype(self.dtype)
+        self.writer.write(out, Window(u0, t0, u1 - u0, t1 - t0))
+        self.written.add(tile)
+
+
+def _slice(inner: Rect, outer: Rect) -> tuple[slice, slice]:
+    return (slice(inner[0] - outer[0], inner[1] - outer[0]), slice(inner[2] - outer[2], inner[3] - outer[2]))
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+class _Pipeline:
+    """Reader thread -> model (calling thread) -> writer thread, with bounded queues."""
+
+    def __init__(self, cfg: InferenceConfig, model: RasterModel, tiles: _TileWriter, manifest: _Manifest,
+                 todo: list[tuple[int, int]], done: list[tuple[int, int]], bar: Any, queue_batches: int) -> None:
+        self.cfg, self.model, self.tiles, self.manifest = cfg, model, tiles, manifest
+        self.todo, self.done, self.bar = todo, done, bar
+        self.q_in: queue.Queue = queue.Queue(maxsize=queue_batches)
+        self.q_out: queue.Queue = queue.Queue(maxsize=queue_batches)
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def _put(self, q: queue.Queue, item: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _get(self, q: queue.Queue) -> Any:
+        while True:
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                if self.stop.is_set():
+                    return _STOP
+
+    def _fail(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.stop.set()
+
+    # -- reader thread
+    def _reader(self) -> None:
+        cfg = self.cfg
+        local = threading.local()
+        readers: list[WindowReader] = []
+        lock = threading.Lock()
+
+        def read(cell: tuple[int, int]) -> Any:
+            r = getattr(local, "reader", None)
+            if r is None:
+                r = cfg.source.reader()
+                local.reader = r
+                with lock:
+                    readers.append(r)
+            return _read_window(cfg, r, *cell)
+
+        pool = None
+        try:
+            if cfg.read_threads > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                pool = ThreadPoolExecutor(cfg.read_threads, thread_name_prefix="dinov3geo-read")
+                map_fn = pool.map
+            else:
+                map_fn = map
+            for block in self.done:
+                self._put(self.q_in, ("done", block))
+            for block in self.todo:
+                if self.stop.is_set():
+                    return
+                n = 0
+                for batch in _block_batches(cfg, read, *block, map_fn=map_fn):
+                    self._put(self.q_in, ("batch", batch))
+                    n += len(batch.cells)
+                self._put(self.q_in, ("end", block, n))
+        except BaseException as exc:  # noqa: BLE001 - handed to the calling thread
+            self._fail(exc)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
+            for r in readers:
+                with contextlib.suppress(Exception):
+                    r.close()
+            self._put(self.q_in, None)
+
+    # -- writer thread
+    def _writer(self) -> None:
+        cfg = self.cfg
+        accs: dict[tuple[int, int], _Accumulator] = {}
+        try:
+            while True:
+                item = self._get(self.q_out)
+                if item is None or item is _STOP:
+                    return
+                kind = item[0]
+                if kind == "out":
+                    _, batch, y = item
+                    acc = accs.get(batch.block)
+                    if acc is None:
+                        acc = accs[batch.block] = _Accumulator(cfg, batch.block)
+                    for k, cell in enumerate(batch.cells):
+                        acc.add(cell, y[k], batch.valid_out[k])
+                elif kind == "end":
+                    _, block, _n = item
+                    acc = accs.pop(block, None) or _Accumulator(cfg, block)
+                    status = _save_block(cfg.parts, acc)
+                    self.manifest.mark(block, status)
+                    self.tiles.block_finished(block, status, acc)
+                    self.bar.update(len(cfg.layout.block_cells(*block)))
+                elif kind == "done":
+                    _, block = item
+                    self.tiles.block_finished(block, self.manifest.done[_Manifest.key(block)])
+                    self.bar.update(len(cfg.layout.block_cells(*block)))
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    # -- calling thread
+    def run(self) -> None:
+        cfg = self.cfg
+        device = resolve_device(cfg.device)
+        amp = resolve_amp(cfg.amp, device)
+        rt = threading.Thread(target=self._reader, name="dinov3geo-reader", daemon=True)
+        wt = threading.Thread(target=self._writer, name="dinov3geo-writer", daemon=True)
+        rt.start()
+        wt.start()
+        try:
+            while True:
+                item = self._get(self.q_in)
+                if item is None or item is _STOP:
+                    break
+                if item[0] == "batch":
+                    batch = item[1]
+                    y = _run_model(self.model, batch, device, amp, cfg.out_bands, cfg.layout.window_out)
+                    self._put(self.q_out, ("out", batch, y))
+                else:
+                    self._put(self.q_out, item)
+            self._put(self.q_out, None)
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            if self.errors:
+                self.stop.set()
+            wt.join()
+            self.stop.set()
+            rt.join()
+        if self.errors:
+            raise self.errors[0]
+
+
+# ---------------------------------------------------------------------------------------------- API
+def _cog_blocksize(out_bands: int, dtype: np.dtype) -> int:
+    bs = 512
+    while bs > 128 and bs * bs * out_bands * dtype.itemsize > 32 * 2**20:
+        bs //= 2
+    return bs
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Remove staging/temporary siblings of ``out`` left by a killed run (their process no longer exists)."""
+    stem = out.stem
+    for p in out.parent.glob(f".{stem}.*-*-*{out.suffix}*"):
+        parts = p.name[len(stem) + 2 :].split("-")
+        if len(parts) < 3 or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.info("removing %s left by a killed run", p)
+            with contextlib.suppress(OSError):
+                p.unlink()
+        except PermissionError:  # another user's live process
+            continue
+
+
+def make_layout(
+    model: RasterModel,
+    height: int,
+    width: int,
+    *,
+    window: int = 512,
+    overlap: int | None = None,
+    block_size: int = 2048,
+    blocksize: int | None = None,
+) -> Layout:
+    """The :class:`~dinov3geo.inference.layout.Layout` :func:`predict_raster` uses for ``model`` on a grid.
+
+    ``overlap`` defaults to a quarter window, at least twice the model's receptive margin plus a ramp of two
+    output pixels, at most half a window. ``blocksize`` is the COG tile size (default: 512, smaller for many
+    bands); blocks are at least large enough for tiles to align with it.
+    """
+    scale = int(model.scale)
+    if scale < 1:
+        raise ValueError(f"model.scale must be an integer >= 1, got {model.scale}")
+    margin_out = math.ceil(model.receptive_margin / scale)
+    if window % scale:
+        raise ValueError(f"window {window} must be a multiple of the model scale {scale}")
+    if overlap is None:
+        want = max(window // 4, 2 * margin_out * scale + 2 * scale)
+        overlap = min(math.ceil(want / scale) * scale, window // 2 // scale * scale)
+    bs = blocksize or _cog_blocksize(model.out_bands, np.dtype(model.out_dtype))
+    stride_out = (window - overlap) // scale
+    if stride_out <= 0:
+        raise ValueError(f"overlap {overlap} must be smaller than window {window}")
+    bw = max(1, round(block_size / (window - overlap)))
+    bw = max(bw, math.ceil((overlap // scale + bs) / stride_out))
+    return Layout(height, width, window, overlap, scale, margin_out, bw, align=bs)
+
+
+def _fingerprint(parts: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def predict_raster(
+    model: RasterModel,
+    source: Any,
+    out_path: str | os.PathLike[str],
+    *,
+    window: int = 512,
+    overlap: int | None = None,
+    batch_size: int = 8,
+    bands: Sequence[str | int] | None = None,
+    nodata: float | None = None,
+    aoi: Any = None,
+    aoi_crs: Any = None,
+    out_grid: GridSpec | None = None,
+    device: str | torch.device = "auto",
+    amp: str | bool | None = "auto",
+    block_size: int = 2048,
+    read_threads: int = 1,
+    threads: bool = True,
+    scheduler: Any = None,
+    resume: bool = True,
+    keep_parts: bool = False,
+    progress: bool = True,
+    compress: str = "deflate",
+    blocksize: int | None = None,
+    overview_resampling: str = "average",
+    gdal_cachemax_mb: int = 128,
+    tags: dict[str, Any] | None = None,
+) -> Path:
+    """Run ``model`` over a whole raster region with blended sliding windows and write a COG.
+
+    Args:
+        model: a :class:`~dinov3geo.inference.RasterModel` (e.g. :class:`TorchRasterModel`,
+            :class:`BackboneFeatures`).
+        source: a raster path, :class:`~dinov3geo.io.scene.Scene`, STAC item, a list of scenes/paths (a mosaic),
+            a Zarr tile store folder or a :class:`~dinov3geo.inference.sources.RasterSource`.
+        out_path: the output COG (written atomically; its folder is created).
+        window: window side in input pixels (a multiple of the model's ``scale``).
+        overlap: overlap of neighbouring windows in input pixels (default: a quarter window, and at least
+            twice the model's receptive margin plus a ramp). The outer ``receptive_margin`` of each window gets
+            zero weight, the rest of the overlap is a raised-cosine blend.
+        batch_size: windows per model call.
+        bands: input bands by name or 1-based index (default: all).
+        nodata: input nodata override (for files declaring none or a wrong one).
+        aoi: area of interest: a vector file (GeoJSON, GeoPackage, Shapefile...), a GeoDataFrame/GeoSeries or
+            shapely geometries (then give ``aoi_crs``), in any CRS. Pixels outside it are nodata and windows
+            outside it are not read.
+        aoi_crs: CRS of bare shapely AOI geometries.
+        out_grid: read the input on this grid (default: the input's own grid). The output grid is this grid,
+            coarsened by the model's ``scale``.
+        device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:1"``...
+        amp: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` (also on CPU), ``"fp16"`` or None.
+        block_size: approximate block side in input pixels (unit of resume and of distribution).
+        read_threads: threads reading windows (more help on fast GPUs / remote files).
+        threads: overlap reading, model and writing in background threads (False: one thread, for debugging).
+        scheduler: a ``dask.distributed.Client``: blocks become tasks on its workers (which must share the
+            output folder's filesystem).
+        resume: continue a previous run of the same job from ``<out>.parts/manifest.json``; False starts over.
+        keep_parts: keep the parts folder after success.
+        progress: show a progress bar.
+        compress, blocksize, overview_resampling: COG options (``blocksize`` default: 512, smaller for many
+            bands).
+        gdal_cachemax_mb: GDAL block cache for reading and writing.
+        tags: extra dataset metadata for the COG.
+
+    Returns:
+        ``out_path`` as an absolute path.
+    """
+    out = check_writable(out_path)
+    _remove_stale_staging(out)
+    src = as_source(source, bands=bands, grid=out_grid, nodata=nodata)
+    if model.in_bands is not None and model.in_bands != src.count:
+        raise ValueError(f"model expects {model.in_bands} bands but the input has {src.count} "
+                         f"({', '.join(src.band_names)}); select bands with bands=[...]")
+    layout = make_layout(model, src.grid.height, src.grid.width, window=window, overlap=overlap,
+                         block_size=block_size, blocksize=blocksize)
+    scale, overlap, bs, bw, margin_out = layout.scale, layout.overlap, layout.align, layout.block_windows, layout.margin
+    out_dtype = np.dtype(model.out_dtype)
+
+    aoi_geom = None
+    if aoi is not None:
+        aoi_geom = aoi_geometry(aoi, src.grid.crs, src_crs=aoi_crs)
+    parts = parts_dir(out)
+    dev = resolve_device(device)
+    amp_name = None if resolve_amp(amp, dev) is None else str(resolve_amp(amp, dev)).replace("torch.", "")
+    cfg = InferenceConfig(
+        source=src, layout=layout, out_bands=model.out_bands, parts=parts, batch_size=batch_size,
+        aoi=aoi_geom, aoi_wkb=shapely.to_wkb(aoi_geom) if aoi_geom is not None else None,
+        device=str(dev), amp=amp_name, read_threads=read_threads,
+    )
+    config = {
+        "source": src.describe(), "window": window, "overlap": overlap, "scale": scale, "margin": margin_out,
+        "block_windows": bw, "align": bs, "batch_size": batch_size, "amp": amp_name,
+        "aoi": hashlib.sha1(cfg.aoi_wkb).hexdigest() if cfg.aoi_wkb else None,
+        "model": model.fingerprint(), "out_bands": model.out_bands, "out_dtype": out_dtype.name,
+    }
+    manifest = _Manifest(parts, _fingerprint(config), config)
+    if resume and manifest.load():
+        log.info("resuming %s: %d of %d blocks already done", out, len(manifest.done), layout.n_blocks_total)
+    else:
+        if parts.exists():
+            shutil.rmtree(parts)
+        parts.mkdir(parents=True)
+        manifest.save()
+
+    out_grid_final = src.grid.scaled(scale) if scale > 1 else src.grid
+    band_tags = None
+    all_tags = {"dinov3geo_model": type(model).__name__, "dinov3geo_window": window,
+                "dinov3geo_overlap": overlap, "dinov3geo_scale": scale, **(tags or {})}
+    writer = COGWriter(out, out_grid_final, model.out_bands, out_dtype, nodata=model.nodata,
+                       band_names=model.names(), tags=all_tags, band_tags=band_tags, blocksize=bs,
+                       compress=compress, overview_resampling=overview_resampling,
+                       gdal_cachemax_mb=gdal_cachemax_mb)
+    blocks = layout.blocks()
+    done_blocks = [b for b in blocks if manifest.is_done(b)]
+    todo = [b for b in blocks if not manifest.is_done(b)]
+    bar = progress_bar(total=layout.n_windows, desc=f"predict {out.name}", disable=not progress, unit="win")
+    try:
+        with rasterio.Env(GDAL_CACHEMAX=gdal_cachemax_mb), writer:
+            tiles = _TileWriter(cfg, model, writer, set(), set())
+            if scheduler is not None:
+                _run_dask(cfg, model, tiles, manifest, todo, done_blocks, bar, scheduler)
+            elif threads:
+                model.to(dev).eval()
+                _Pipeline(cfg, model, tiles, manifest, todo, done_blocks, bar, queue_batches=3).run()
+            else:
+                model.to(dev).eval()
+                for b in done_blocks:
+                    tiles.block_finished(b, manifest.done[_Manifest.key(b)])
+                    bar.update(len(layout.block_cells(*b)))
+                with src.reader() as reader:
+                    for b in todo:
+                        _, status, _n = _process_block(cfg, model, reader, b)
+                        manifest.mark(b, status)
+                        tiles.block_finished(b, status)
+                        bar.update(len(layout.block_cells(*b)))
+            missing = [t for t in blocks if t not in tiles.written]
+            if missing:  # pragma: no cover - guards the dependency bookkeeping
+                raise RuntimeError(f"internal error: tiles {missing[:5]} were never written")
+    finally:
+        bar.close()
+    if not keep_parts:
+        shutil.rmtree(parts, ignore_errors=True)
+    return out
+
+
+def _run_dask(cfg: InferenceConfig, model: RasterModel, tiles: _TileWriter, manifest: _Manifest,
+              todo: list[tuple[int, int]], done: list[tuple[int, int]], bar: Any, client: Any) -> None:
+    from distributed import as_completed
+
+    for b in done:
+        tiles.block_finished(b, manifest.done[_Manifest.key(b)])
+        bar.update(len(cfg.layout.block_cells(*b)))
+    if not todo:
+        return
+    key = manifest.config["model"]
+    [model_f] = client.scatter([model], broadcast=True, hash=False)
+    [cfg_f] = client.scatter([cfg], broadcast=True, hash=False)
+    futures = [client.submit(_dask_block, cfg_f, model_f, key, b, pure=False) for b in todo]
+    try:
+        for fut in as_completed(futures):
+            block, status, _n = fut.result()
+            block = tuple(block)
+            manifest.mark(block, status)
+            tiles.block_finished(block, status)
+            bar.update(len(cfg.layout.block_cells(*block)))
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise

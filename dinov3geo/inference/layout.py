@@ -1,0 +1,294 @@
+"""Where windows go, how they are weighted, and how the region is cut into independent blocks.
+
+Geometry of a run (all sizes in pixels):
+
+* Windows of ``window x window`` *input* pixels sit on a lattice with step ``stride = window - overlap``
+  starting at the grid origin; the last row/column of windows is shifted back to end at the grid edge, so
+  every window holds real pixels and the model pads the grid border as it would pad a whole image. A grid
+  smaller than a window gets one window padded past the edge (masked): nothing is dropped.
+* The model turns a window into ``window / scale`` *output* pixels per side (``scale`` 1 for dense heads, 16
+  for ViT patch features). Blending happens on the output grid.
+* :func:`blend_weights_1d` gives each window a separable weight: zero on an edge ``margin`` (at least the
+  model's receptive field, so pixels that saw the window's padding never count), a raised-cosine ramp of
+  ``ramp = overlap - 2 * margin`` pixels and a flat centre of 1. A window's ramp down and its neighbour's
+  ramp up are ``cos^2`` and ``sin^2`` of the same angle, so the weights of neighbouring lattice windows add
+  up to exactly one (a partition of unity) wherever at most two windows overlap (``overlap <= window / 2``);
+  elsewhere (more overlap, the shifted last window) the final division by the summed weights normalises
+  them. Sides of a window that lie on the
+  grid border are not tapered (there is no neighbour there).
+* Windows are grouped into *blocks* of ``block_windows x block_windows`` lattice cells. A block's windows are
+  processed together and their weighted sums ``sum(w * y)`` and ``sum(w)`` over the block's *extent* (the
+  union of its windows on the output grid) are the block's partial result, which is independent of every
+  other block: blocks can be skipped on resume or farmed out to dask workers.
+* The output grid is cut into *tiles*, one per block, on the block boundaries snapped down to the COG block
+  size (so tile writes never re-encode a partial COG block). A tile's final values are the sum of the
+  partial results of the (at most four) blocks whose extents reach into it, divided by the summed weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+from rasterio.windows import Window
+
+__all__ = ["Layout", "blend_weights_1d", "lattice_starts"]
+
+Rect = tuple[int, int, int, int]  # (row0, row1, col0, col1), half-open
+
+
+def lattice_starts(length: int, window: int, stride: int) -> int:
+    """Number of lattice windows (origins ``0, stride, 2*stride, ...``) needed to cover ``length`` pixels."""
+    if length <= 0:
+        raise ValueError(f"grid side must be positive, got {length}")
+    if length <= window:
+        return 1
+    return math.ceil((length - window) / stride) + 1
+
+
+def blend_weights_1d(length: int, margin: int, ramp: int, taper_start: bool, taper_end: bool) -> np.ndarray:
+    """Weights along one side of a window (``float64``, ``length`` values).
+
+    Args:
+        length: window side in output pixels.
+        margin: pixels at a tapered edge that get weight 0 (the model's receptive field).
+        ramp: length of the raised-cosine ramp after the margin (0: hard crop).
+        taper_start, taper_end: whether the low / high side is tapered (False on the grid border).
+
+    The ramp values are ``sin^2(pi/2 * (k + 0.5) / ramp)``, ``k = 0..ramp-1``: strictly positive, and the
+    mirrored ramp of the neighbouring window is ``1 -`` this, so the two sum to one.
+    """
+    if margin < 0 or ramp < 0:
+        raise ValueError(f"margin and ramp must be >= 0, got {margin}, {ramp}")
+    if (taper_start or taper_end) and 2 * margin >= length:
+        raise ValueError(f"edge margin {margin} leaves nothing of a {length} px window")
+    k = np.arange(ramp, dtype=np.float64)
+    up = np.sin(0.5 * np.pi * (k + 0.5) / ramp) ** 2 if ramp else k
+    w = np.ones(length, dtype=np.float64)
+    if taper_start:
+        lo = np.ones(length, dtype=np.float64)
+        lo[:margin] = 0.0
+        n = min(ramp, length - margin)
+        lo[margin : margin + n] = up[:n]
+        w *= lo
+    if taper_end:
+        hi = np.ones(length, dtype=np.float64)
+        if margin:
+            hi[length - margin :] = 0.0
+        n = min(ramp, length - margin)
+        hi[length - margin - n : length - margin] = up[:n][::-1]
+        w *= hi
+    return w
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Window lattice, blend weights, blocks and tiles of one run (see the module docstring).
+
+    Attributes:
+        height, width: input grid shape.
+        window: window side in input pixels (a multiple of ``scale``).
+        overlap: overlap of neighbouring windows in input pixels (a multiple of ``scale``).
+        scale: input pixels per output pixel.
+        margin: edge margin in output pixels (weight 0).
+        block_windows: lattice cells per block side.
+        align: tile boundaries are snapped to multiples of this (the COG block size), in output pixels.
+    """
+
+    height: int
+    width: int
+    window: int
+    overlap: int
+    scale: int
+    margin: int
+    block_windows: int
+    align: int = 1
+
+    def __post_init__(self) -> None:
+        if self.scale < 1:
+            raise ValueError(f"scale must be >= 1, got {self.scale}")
+        if self.window <= 0 or self.window % self.scale:
+            raise ValueError(f"window {self.window} must be a positive multiple of the model scale {self.scale}")
+        if self.overlap < 0 or self.overlap >= self.window or self.overlap % self.scale:
+            raise ValueError(
+                f"overlap {self.overlap} must be in [0, window) and a multiple of the model scale {self.scale}"
+            )
+        if self.ramp < 0:
+            raise ValueError(
+                f"overlap {self.overlap} px is too small for the model's edge margin of {self.margin * self.scale}"
+                f" px on each side; use overlap >= {2 * self.margin * self.scale} (2 x receptive margin)"
+            )
+        if self.block_windows < 1:
+            raise ValueError(f"block_windows must be >= 1, got {self.block_windows}")
+        if self.block_windows * self.stride_out < self.overlap_out + self.align and self.n_blocks_total > 1:
+            raise ValueError(
+                f"blocks of {self.block_windows} windows are too small for overlap {self.overlap} and tile "
+                f"alignment {self.align}; use larger blocks"
+            )
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def stride(self) -> int:
+        """Lattice step in input pixels."""
+        return self.window - self.overlap
+
+    @property
+    def window_out(self) -> int:
+        return self.window // self.scale
+
+    @property
+    def stride_out(self) -> int:
+        return self.stride // self.scale
+
+    @property
+    def overlap_out(self) -> int:
+        return self.overlap // self.scale
+
+    @property
+    def ramp(self) -> int:
+        """Raised-cosine ramp length in output pixels (overlap minus both margins)."""
+        return self.overlap_out - 2 * self.margin
+
+    @property
+    def out_height(self) -> int:
+        return math.ceil(self.height / self.scale)
+
+    @property
+    def out_width(self) -> int:
+        return math.ceil(self.width / self.scale)
+
+    @cached_property
+    def n_rows(self) -> int:
+        """Window rows of the lattice."""
+        return lattice_starts(self.height, self.window, self.stride)
+
+    @cached_property
+    def n_cols(self) -> int:
+        return lattice_starts(self.width, self.window, self.stride)
+
+    @property
+    def n_windows(self) -> int:
+        return self.n_rows * self.n_cols
+
+    @property
+    def n_block_rows(self) -> int:
+        return math.ceil(self.n_rows / self.block_windows)
+
+    @property
+    def n_block_cols(self) -> int:
+        return math.ceil(self.n_cols / self.block_windows)
+
+    @property
+    def n_blocks_total(self) -> int:
+        return self.n_block_rows * self.n_block_cols
+
+    # ------------------------------------------------------------------ windows
+    def _start(self, k: int, n: int, length: int) -> int:
+        """Input-pixel origin of the ``k``-th of ``n`` windows along a side of ``length`` pixels.
+
+        The last window is shifted back to end at the grid edge (origin rounded up to a multiple of ``scale``,
+        so it may overhang by less than one output pixel) when the grid is at least a window long: the model
+        sees real pixels and applies its own padding at the grid border exactly as on a whole image. Smaller
+        grids get one window padded past the edge.
+        """
+        start = k * self.stride
+        if k == n - 1 and k > 0 and length >= self.window:
+            start = min(start, -(-(length - self.window) // self.scale) * self.scale)
+        return start
+
+    def input_window(self, i: int, j: int) -> Window:
+        """Input-pixel window of lattice cell ``(i, j)`` (may reach past the grid when it is small)."""
+        return Window(
+            self._start(j, self.n_cols, self.width), self._start(i, self.n_rows, self.height), self.window, self.window
+        )
+
+    def output_origin(self, i: int, j: int) -> tuple[int, int]:
+        """(row, col) of the window's first output pixel."""
+        return (
+            self._start(i, self.n_rows, self.height) // self.scale,
+            self._start(j, self.n_cols, self.width) // self.scale,
+        )
+
+    @cached_property
+    def _weights_cache(self) -> dict[tuple[bool, bool], np.ndarray]:
+        L, m, r = self.window_out, self.margin, self.ramp
+        return {(a, b): blend_weights_1d(L, m, r, a, b) for a in (False, True) for b in (False, True)}
+
+    def weights(self, i: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Separable blend weights ``(wy, wx)`` of window ``(i, j)`` on the output grid."""
+        wy = self._weights_cache[(i > 0, i < self.n_rows - 1)]
+        wx = self._weights_cache[(j > 0, j < self.n_cols - 1)]
+        return wy, wx
+
+    # ------------------------------------------------------------------ blocks
+    def blocks(self) -> list[tuple[int, int]]:
+        """All block indices, row-major."""
+        return [(bi, bj) for bi in range(self.n_block_rows) for bj in range(self.n_block_cols)]
+
+    def block_cells(self, bi: int, bj: int) -> list[tuple[int, int]]:
+        """Lattice cells ``(i, j)`` of a block, row-major."""
+        b = self.block_windows
+        return [
+            (i, j)
+            for i in range(bi * b, min((bi + 1) * b, self.n_rows))
+            for j in range(bj * b, min((bj + 1) * b, self.n_cols))
+        ]
+
+    def _block_span(self, bk: int, n: int, length: int) -> tuple[int, int]:
+        """Input-pixel [start, end) of the windows of block ``bk`` along one side."""
+        b = self.block_windows
+        k0, k1 = bk * b, min((bk + 1) * b, n) - 1
+        return self._start(k0, n, length), self._start(k1, n, length) + self.window
+
+    def block_extent(self, bi: int, bj: int) -> Rect:
+        """Output-pixel rectangle covered by a block's windows (clipped to the output grid)."""
+        r0, r1 = self._block_span(bi, self.n_rows, self.height)
+        c0, c1 = self._block_span(bj, self.n_cols, self.width)
+        s = self.scale
+        return (r0 // s, min(r1 // s, self.out_height), c0 // s, min(c1 // s, self.out_width))
+
+    def block_input_window(self, bi: int, bj: int) -> Window:
+        """Input-pixel window covered by a block's windows (may reach past the grid)."""
+        r0, r1 = self._block_span(bi, self.n_rows, self.height)
+        c0, c1 = self._block_span(bj, self.n_cols, self.width)
+        return Window(c0, r0, c1 - c0, r1 - r0)
+
+    # ------------------------------------------------------------------ tiles
+    def _tile_edges(self, n_blocks: int, out_len: int) -> list[int]:
+        step = self.block_windows * self.stride_out
+        edges = [0] + [(k * step // self.align) * self.align for k in range(1, n_blocks)] + [out_len]
+        return [min(e, out_len) for e in edges]
+
+    @cached_property
+    def _row_edges(self) -> list[int]:
+        return self._tile_edges(self.n_block_rows, self.out_height)
+
+    @cached_property
+    def _col_edges(self) -> list[int]:
+        return self._tile_edges(self.n_block_cols, self.out_width)
+
+    def tile_rect(self, bi: int, bj: int) -> Rect:
+        """Output-pixel rectangle of tile ``(bi, bj)``; the tiles partition the output grid."""
+        return (self._row_edges[bi], self._row_edges[bi + 1], self._col_edges[bj], self._col_edges[bj + 1])
+
+    def tile_deps(self, bi: int, bj: int) -> list[tuple[int, int]]:
+        """Blocks whose extents reach into tile ``(bi, bj)`` (row-major; the block itself included)."""
+        t = self.tile_rect(bi, bj)
+        deps = []
+        for di in (-1, 0, 1):
+            for dj in (-1, 0, 1):
+                ni, nj = bi + di, bj + dj
+                inside = 0 <= ni < self.n_block_rows and 0 <= nj < self.n_block_cols
+                if inside and _intersect(t, self.block_extent(ni, nj)) is not None:
+                    deps.append((ni, nj))
+        return deps
+
+
+def _intersect(a: Rect, b: Rect) -> Rect | None:
+    r0, r1 = max(a[0], b[0]), min(a[1], b[1])
+    c0, c1 = max(a[2], b[2]), min(a[3], b[3])
+    if r1 <= r0 or c1 <= c0:
+        return None
+    return (r0, r1, c0, c1)

@@ -1,0 +1,299 @@
+"""Typed pretraining configuration, loaded from YAML with safe loading; unknown keys are errors.
+
+The sections mirror Meta's ``ssl_default_config.yaml`` (``student``, ``crops``, ``dino``, ``ibot``, ``gram``,
+``optim``, ``schedules``, ``train``) with the same key names where a key exists there, so a DINOv3 user can
+read a dinov3geo config at a glance; ``data`` is ours (the tile store). Iterations replace epochs (one
+"epoch" of the official configs is ``OFFICIAL_EPOCH_LENGTH`` iterations anyway). Every key is documented in
+``pipelines/pretrain_satellite.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: Stage sections a multi-stage config file may hold (next to ``common:``), in run order.
+STAGES: tuple[str, ...] = ("pretrain", "gram", "highres", "distill")
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, mistyped or inconsistent (the message names the key)."""
+
+
+# ------------------------------------------------------------------------------------------------ sections
+@dataclass
+class DataConfig:
+    """Where tiles come from and how they are batched."""
+
+    store: str = ""  #: tile store written by ``dinov3geo ingest`` (required)
+    bands: list[str] | None = None  #: band subset (store order by default)
+    normalize: str | list[list[float]] = "store"  #: "store" (store stats), "none", or [[mean...], [std...]]
+    batch_size: int = 8  #: samples per device per step (the official batch_size_per_gpu)
+    num_workers: int = 2  #: DataLoader worker processes
+    min_valid_fraction: float = 0.5  #: crops with fewer valid pixels are re-sampled (up to 10 times)
+
+
+@dataclass
+class StudentConfig:
+    arch: str = "vit_tiny_test"  #: a name from dinov3geo.models.list_archs()
+    patch_size: int = 16
+    drop_path_rate: float = 0.0
+    layerscale: float = 1e-5
+    pretrained_weights: str | None = None  #: optional backbone to start from (anything load_backbone reads)
+    resume_from_teacher_chkpt: str | None = None  #: a previous stage's checkpoint (student <- its teacher)
+    overrides: dict[str, Any] = field(default_factory=dict)  #: extra build_backbone(**overrides)
+
+
+@dataclass
+class CropsConfig:
+    global_crops_size: int = 112
+    local_crops_size: int = 48
+    local_crops_number: int = 4
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    gram_teacher_crops_size: int | None = None
+    gram_teacher_no_distortions: bool = True
+    horizontal_flips: bool = True
+    vertical_flips: bool = True
+    rotations: bool = True  #: 90 degree rotations (valid for nadir imagery)
+    blur_mode: str = "intended"  #: "intended" or "released" (the official 1-p bug, spec 2.2)
+
+
+@dataclass
+class DinoConfig:
+    loss_weight: float = 1.0
+    global_ignore_diagonal: bool = True
+    head_n_prototypes: int = 4096
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 1024
+    koleo_loss_weight: float = 0.1
+    koleo_loss_distributed: bool = False
+    koleo_topk: int = 1
+    koleo_distributed_loss_group_size: int | None = None
+    reweight_dino_local_loss: bool = False
+    local_loss_weight_schedule: dict[str, float] | None = None  #: {start, peak, end, warmup_iterations, ...}
+
+
+@dataclass
+class IbotConfig:
+    loss_weight: float = 1.0
+    mask_sample_probability: float = 0.5
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    head_n_prototypes: int = 4096
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    head_hidden_dim: int = 1024
+
+
+@dataclass
+class GramConfig:
+    use_loss: bool = False
+    loss_weight: float = 1.0
+    loss_weight_schedule: dict[str, float] | None = None
+    ckpt: str | None = None  #: checkpoint of the first Gram teacher (else taken from the EMA teacher)
+    ema_teacher: bool = False
+    it_load_ema_teacher: int = 0  #: iteration at which the EMA teacher is copied in (when no ckpt)
+    rep_update: bool = True
+    update_frequency: int = 10_000
+    it_first_update: int = 0
+    max_updates: int | None = None
+    normalized: bool = True
+    img_level: bool = True
+    remove_neg: bool = False
+    remove_only_teacher_neg: bool = False
+    tokens_used: str = "all"
+    global_teacher_resize_method: str = "bicubic"
+    global_teacher_resize_antialias: bool = False
+    compute_stats: bool = False
+
+
+@dataclass
+class OptimConfig:
+    iterations: int = 1000  #: total iterations of this stage
+    adamw_beta1: float = 0.9
+    adamw_beta2: float = 0.999
+    clip_grad: float = 3.0
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    dino_head_wd_multiplier: float = 1.0
+    freeze_last_layer_iterations: int = 0
+    scaling_rule: str = "sqrt_wrt_1024"  #: "sqrt_wrt_1024", "linear_wrt_256" or "none"
+
+
+@dataclass
+class ScheduleBlock:
+    """A v2 schedule: linear start->peak over warmup, cosine peak->end over cosine_iterations, then end."""
+
+    start: float = 0.0
+    peak: float = 0.0
+    end: float = 0.0
+    warmup_iterations: int = 0
+    cosine_iterations: int | None = None
+
+
+@dataclass
+class SchedulesConfig:
+    lr: ScheduleBlock = field(default_factory=lambda: ScheduleBlock(0.0, 5e-5, 5e-5, 100))
+    weight_decay: ScheduleBlock = field(default_factory=lambda: ScheduleBlock(0.04, 0.04, 0.04, 0))
+    momentum: ScheduleBlock = field(default_factory=lambda: ScheduleBlock(0.994, 0.994, 0.994, 0))
+    teacher_temp: ScheduleBlock = field(default_factory=lambda: ScheduleBlock(0.04, 0.07, 0.07, 300))
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/pretrain"
+    seed: int = 0
+    accelerator: str = "auto"  #: "auto", "cpu", "gpu"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  #: "auto", "ddp", "fsdp"
+    precision: str = "auto"  #: "auto" (bf16-mixed on CUDA, 32 on CPU), "32-true", "bf16-mixed"
+    checkpoint_every: int = 100  #: iterations between (atomic) resumable checkpoints
+    log_every: int = 10
+    health_every: int = 50  #: iterations between dense-feature health metrics (0 = off)
+    progress_bar: bool = True
+
+
+@dataclass
+class SSLConfig:
+    """A whole pretraining stage."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
+    gram: GramConfig = field(default_factory=GramConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedules: SchedulesConfig = field(default_factory=SchedulesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def _is_dataclass_type(t: Any) -> bool:
+    return isinstance(t, type) and dataclasses.is_dataclass(t)
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Light type check/coercion of YAML scalars (ints for floats, etc.)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key {key!r}: value {value!r} does not match {tp}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp) or (Any,)
+        return [_check_type(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, d: dict[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys raise :class:`ConfigError` naming the key."""
+    d = d or {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: {sorted(names)}"
+        )
+    kwargs = {}
+    for k, v in d.items():
+        tp = hints[k]
+        kwargs[k] = from_dict(tp, v, f"{prefix}{k}.") if _is_dataclass_type(tp) else _check_type(v, tp, prefix + k)
+    return cls(**kwargs)
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    cur = d
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+        if not isinstance(cur, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {p!r} is not a section")
+    cur[parts[-1]] = value
+
+
+def load_config(
+    source: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None, section: str | None = None
+) -> SSLConfig:
+    """Load a config from a YAML file (safe loading) or a dict, apply ``key.sub=value`` overrides.
+
+    Args:
+        source: YAML path or mapping; None gives the defaults.
+        overrides: ``["optim.iterations=20", "data.store=tiles.zarr"]`` (values parsed as YAML scalars).
+        section: when the YAML holds several stages (``pretrain:``, ``gram:``...), the stage to load; its
+            mapping is merged over the file's ``common:`` section if present.
+    """
+    if source is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(source, dict):
+        raw = dict(source)
+    else:
+        text = Path(source).read_text()
+        raw = yaml.safe_load(text) or {}
+    if section is not None:
+        extra = sorted(set(raw) - {"common", *STAGES})
+        if extra:
+            raise ConfigError(f"unknown top-level key(s) {extra} in a staged config; allowed: common, {list(STAGES)}")
+        if section not in raw:
+            raise ConfigError(f"no stage {section!r} in the config (stages: {[k for k in raw if k != 'common']})")
+        raw = _deep_merge(raw.get("common", {}) or {}, raw[section] or {})
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} must look like key.sub=value")
+        k, v = ov.split("=", 1)
+        _set_dotted(raw, k.strip(), yaml.safe_load(v))
+    return from_dict(SSLConfig, raw)
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in a.items()}
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,201 @@
+"""Run a pretraining stage with Lightning: ``pretrain(cfg)``; resumable; exports the backbone at the end.
+
+``pretrain`` builds the Lightning ``Trainer`` from ``cfg.train`` (``accelerator="auto"``, DDP/FSDP strategies
+for multi-GPU and multi-node under ``torchrun``/SLURM, bf16 mixed precision on CUDA, fp32 on CPU), logs to
+CSV and TensorBoard under ``output_dir``, writes resumable checkpoints atomically every
+``train.checkpoint_every`` iterations (``checkpoints/last.ckpt``) and, at the end, exports the EMA teacher's
+backbone in Meta's format (``backbone.pth`` + ``backbone.pth.json`` metadata sidecar) and in dinov3geo's own
+format (``backbone.dinov3geo.pt``), both loadable with :func:`dinov3geo.models.load_backbone`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from dinov3geo.ingest.store import TileStore
+from dinov3geo.models import BackboneMetadata, export_meta, save_backbone
+from dinov3geo.ssl.config import SSLConfig
+from dinov3geo.ssl.data import build_dataloader
+from dinov3geo.ssl.module import SSLModule
+
+log = logging.getLogger("dinov3geo.ssl")
+
+
+@dataclass
+class PretrainResult:
+    """Where a finished stage left its outputs."""
+
+    output_dir: Path
+    checkpoint: Path
+    backbone_meta: Path
+    backbone: Path
+    metrics_csv: Path | None
+    iterations: int
+
+
+class SSLDataModule(pl.LightningDataModule):
+    """Builds the (deterministic, infinite) loader at the trainer's current iteration and rank."""
+
+    def __init__(self, cfg: SSLConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def train_dataloader(self) -> Any:
+        tr = self.trainer
+        start = int(tr.global_step) if tr is not None else 0
+        rank = tr.global_rank if tr is not None else 0
+        world = tr.world_size if tr is not None else 1
+        loader, _ = build_dataloader(self.cfg, start_iteration=start, rank=rank, world_size=world,
+                                     pin_memory=torch.cuda.is_available())
+        return loader
+
+
+def _precision(cfg: SSLConfig) -> str:
+    p = cfg.train.precision
+    if p != "auto":
+        return p
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+def _store_gsd_m(store: TileStore) -> float | None:
+    """Median ground sample distance (m) of the store's scenes (degrees converted at the equator)."""
+    from dinov3geo.io.grid import GridSpec
+
+    vals = []
+    for s in store.scenes:
+        g = GridSpec.from_dict(s["grid"])
+        r = g.res[0]
+        vals.append(r * 111_320.0 if g.crs.is_geographic else r * (g.crs.linear_units_factor[1] or 1.0))
+    return float(statistics.median(vals)) if vals else None
+
+
+def _metadata(cfg: SSLConfig, store: TileStore, bands: list[str], stage: str) -> BackboneMetadata:
+    from dinov3geo.data.augmentations import is_rgb
+
+    st = store.stats or {}
+    idx = [store.band_names.index(b) for b in bands]
+    mean = [st["mean"][i] for i in idx] if st else None
+    std = [st["std"][i] for i in idx] if st else None
+    units = "raw"
+    if is_rgb(bands) and st:
+        hi = 255.0 if store.dtype == np.uint8 else max(st["max"][i] for i in idx)
+        mean, std = [m / hi for m in mean], [s / hi for s in std]  # type: ignore[union-attr]
+        units = f"[0, 1] (raw / {hi:g})"
+    gsd = _store_gsd_m(store)
+    return BackboneMetadata(
+        bands=bands, mean=mean, std=std, gsd=gsd,
+        provenance={"trained_with": "dinov3geo", "stage": stage, "arch": cfg.student.arch,
+                    "iterations": cfg.optim.iterations, "tile_store": str(store.path),
+                    "normalization_units": units, "scenes": len(store.scenes)},
+    )
+
+
+def pretrain(cfg: SSLConfig, *, resume: bool = False, stage: str = "pretrain",
+             max_steps: int | None = None) -> PretrainResult:
+    """Run one pretraining stage (see module docstring).
+
+    Args:
+        cfg: the stage configuration.
+        resume: continue from ``output_dir/checkpoints/last.ckpt`` when it exists.
+        stage: name recorded in the exported metadata.
+        max_steps: stop after this many iterations (for tests / interrupted runs); schedules still use
+            ``cfg.optim.iterations``.
+    """
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    store = TileStore.open(cfg.data.store)
+    bands = list(cfg.data.bands or store.band_names)
+    devices = cfg.train.devices
+    n_dev = devices if isinstance(devices, int) else (torch.cuda.device_count() if devices == "auto" else 1)
+    global_batch = cfg.data.batch_size * max(1, n_dev) * cfg.train.num_nodes
+    module = SSLModule(cfg, in_chans=len(bands), band_names=bands, global_batch_size=global_batch)
+    ckpt_dir = out / "checkpoints"
+    every = max(1, cfg.train.checkpoint_every)
+    callbacks: list[Any] = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:07d}", every_n_train_steps=every, save_last=True,
+                        save_top_k=1, monitor="step", mode="max", auto_insert_metric_name=False),
+    ]
+    if cfg.train.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.train.log_every // 2)))
+    run = _next_run(out / "logs")  # one log folder per (re)start; stage_metrics() merges them
+    loggers = [CSVLogger(out, name="logs", version=run), TensorBoardLogger(out, name="tb", version=run)]
+    steps = cfg.optim.iterations if max_steps is None else min(max_steps, cfg.optim.iterations)
+    trainer = pl.Trainer(
+        accelerator=cfg.train.accelerator, devices=devices, num_nodes=cfg.train.num_nodes,
+        strategy=cfg.train.strategy, precision=_precision(cfg), max_steps=steps, max_epochs=-1,
+        logger=loggers, callbacks=callbacks, log_every_n_steps=max(1, cfg.train.log_every),
+        enable_progress_bar=cfg.train.progress_bar, use_distributed_sampler=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        deterministic=False, default_root_dir=out,
+    )
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = str(last) if resume and last.exists() else None
+    if resume and ckpt_path is None:
+        log.warning("no checkpoint at %s; starting from scratch", last)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+        trainer.fit(module, datamodule=SSLDataModule(cfg), ckpt_path=ckpt_path, weights_only=True)
+    # the final state, atomically (also when max_steps stopped early); optimizer state included
+    trainer.save_checkpoint(last, weights_only=False)
+    teacher = module.model.teacher["backbone"]
+    backbone = teacher.float().cpu().eval()
+    meta = _metadata(cfg, store, bands, stage)
+    backbone.metadata = meta
+    meta_path = export_meta(backbone, out / "backbone.pth", metadata=meta)
+    own_path = save_backbone(backbone, out / "backbone.dinov3geo.pt", metadata=meta)
+    csv = out / "logs" / run / "metrics.csv"
+    return PretrainResult(out, last, Path(meta_path), Path(own_path), csv if csv.exists() else None,
+                          int(trainer.global_step))
+
+
+def _next_run(logs: Path) -> str:
+    n = 0
+    while (logs / f"run{n}").exists():
+        n += 1
+    return f"run{n}"
+
+
+def stage_metrics(output_dir: str | Path) -> list[dict[str, float]]:
+    """All logged steps of a stage across its (re)starts, one row per step (the latest run wins)."""
+    by_step: dict[int, dict[str, float]] = {}
+    runs = sorted((Path(output_dir) / "logs").glob("run*/metrics.csv"), key=lambda p: int(p.parent.name[3:]))
+    for csv_path in runs:
+        for row in read_metrics(csv_path):
+            if "step" in row:
+                by_step.setdefault(int(row["step"]), {}).update(row)
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def read_metrics(csv_path: Path) -> list[dict[str, float]]:
+    """Rows of a stage's ``metrics.csv`` (one per logged step), empty cells dropped."""
+    import csv
+
+    rows = []
+    with open(csv_path) as f:
+        for r in csv.DictReader(f):
+            row = {k: float(v) for k, v in r.items() if v not in ("", None) and _isnum(v)}
+            if row:
+                rows.append(row)
+    return rows
+
+
+def _isnum(v: str) -> bool:
+    try:
+        float(v)
+    except ValueError:
+        return False
+    return True

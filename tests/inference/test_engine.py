@@ -1,0 +1,304 @@
+"""End-to-end tests of predict_raster: seams, masking, georeferencing, COG output, resume, inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+import torch
+from rasterio.transform import from_origin
+
+from dinov3geo.inference import (
+    BackboneFeatures,
+    MeanFilter,
+    TorchRasterModel,
+    parts_dir,
+    predict_raster,
+)
+from dinov3geo.io.cog import validate_cog
+from dinov3geo.io.grid import GridSpec
+from tests.conftest import write_raster
+from tests.inference.conftest import ConvNet, CountingMeanFilter, smooth_field
+
+TRANSFORM = from_origin(500000.0, 4000000.0, 10.0, 10.0)
+RUN = dict(window=64, overlap=16, block_size=96, blocksize=128, progress=False)
+
+
+def _read(path: Path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read()
+
+
+# ---------------------------------------------------------------------------------------------- seams
+@pytest.mark.parametrize("shape", [(300, 430), (193, 257)])
+def test_blended_output_equals_whole_image_result(tmp_path: Path, shape: tuple[int, int]) -> None:
+    """No seams: with margins >= the receptive field, tiled inference equals whole-image inference."""
+    img = smooth_field(*shape, bands=2)
+    src = write_raster(tmp_path / "in.tif", img, transform=TRANSFORM)
+    model = MeanFilter(5, bands=2)
+    out = predict_raster(model, src, tmp_path / "out.tif", **RUN)
+    got = _read(out)
+    ref = model.whole_image(img)
+    np.testing.assert_allclose(got, ref, rtol=2e-6, atol=0)
+    # the seam check proper: the jump across every window border is the same as in the reference
+    for c in range(48, shape[1] - 1, 48):
+        np.testing.assert_allclose(np.diff(got[:, :, c - 1 : c + 2]), np.diff(ref[:, :, c - 1 : c + 2]), atol=2e-2)
+
+
+def test_nonlinear_conv_model_matches_whole_image(tmp_path: Path) -> None:
+    img = smooth_field(150, 170, bands=2) / 1000
+    src = write_raster(tmp_path / "in.tif", img, transform=TRANSFORM)
+    net = ConvNet(2).eval()
+    model = TorchRasterModel(net, 1, ["y"], receptive_margin=2, in_bands=2)
+    out = predict_raster(model, src, tmp_path / "out.tif", window=48, overlap=12, block_size=64, progress=False)
+    with torch.no_grad():
+        ref = net(torch.from_numpy(img)[None])[0].numpy()
+    np.testing.assert_allclose(_read(out), ref, atol=1e-5)
+
+
+def test_margin_smaller_than_receptive_field_is_refused(tmp_path: Path) -> None:
+    src = write_raster(tmp_path / "in.tif", smooth_field(100, 100), transform=TRANSFORM)
+    with pytest.raises(ValueError, match="receptive margin"):
+        predict_raster(MeanFilter(9), src, tmp_path / "o.tif", window=64, overlap=4, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- output
+def test_cog_keeps_crs_transform_nodata_and_band_names(tmp_path: Path) -> None:
+    tr = from_origin(300000.0, 5100000.0, 2.5, 2.5)
+    src = write_raster(tmp_path / "in.tif", smooth_field(210, 180, bands=3), crs="EPSG:32618", transform=tr)
+    out = predict_raster(MeanFilter(3, bands=3), src, tmp_path / "sub" / "out.tif", **RUN)
+    ok, errors, _ = validate_cog(out)
+    assert ok, errors
+    with rasterio.open(out) as ds:
+        assert ds.crs.to_epsg() == 32618
+        assert ds.transform == tr
+        assert (ds.height, ds.width, ds.count) == (210, 180, 3)
+        assert math.isnan(ds.nodata)
+        assert ds.descriptions == ("mean3_1", "mean3_2", "mean3_3")
+        assert ds.tags()["dinov3geo_window"] == "64"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.tif"]  # no parts or staging leftovers
+
+
+def test_raster_smaller_than_one_window_is_padded_not_dropped(tmp_path: Path) -> None:
+    img = smooth_field(23, 37)
+    src = write_raster(tmp_path / "tiny.tif", img, transform=TRANSFORM)
+    model = MeanFilter(3)
+    out = predict_raster(model, src, tmp_path / "out.tif", window=64, overlap=16, progress=False)
+    got = _read(out)
+    assert got.shape == (1, 23, 37)
+    np.testing.assert_allclose(got, model.whole_image(img), rtol=1e-6)
+
+
+def test_input_nodata_is_output_nodata_and_empty_windows_are_skipped(tmp_path: Path) -> None:
+    img = smooth_field(256, 256)
+    img[:, :, :140] = -9999  # left part nodata: several windows hold no valid pixel
+    img[:, 200:210, 200:210] = -9999  # a hole
+    src = write_raster(tmp_path / "in.tif", img, transform=TRANSFORM, nodata=-9999)
+    model = CountingMeanFilter()
+    out = predict_raster(model, src, tmp_path / "out.tif", batch_size=3, **RUN)
+    got = _read(out)[0]
+    invalid = img[0] == -9999
+    assert np.isnan(got[invalid]).all()
+    assert np.isfinite(got[~invalid]).all()
+    n_all = math.ceil((256 - 64) / 48 + 1) ** 2
+    windows_with_data = 5 * 3  # columns starting at 96, 144, 192 (of 5) hold valid pixels
+    assert model.windows == windows_with_data < n_all
+
+
+def test_aoi_in_another_crs_masks_output_and_skips_windows(tmp_path: Path) -> None:
+    img = smooth_field(240, 240)
+    src = write_raster(tmp_path / "in.tif", img, transform=TRANSFORM, crs="EPSG:32633")
+    grid = GridSpec("EPSG:32633", TRANSFORM, 240, 240)
+    # a circle in the raster's upper-left quarter, written as GeoJSON in EPSG:4326
+    cx, cy = TRANSFORM * (60, 60)
+    circle = shapely.Point(cx, cy).buffer(450)
+    aoi_file = tmp_path / "aoi.geojson"
+    gpd.GeoDataFrame(geometry=[circle], crs="EPSG:32633").to_crs("EPSG:4326").to_file(aoi_file)
+    model = CountingMeanFilter()
+    out = predict_raster(model, src, tmp_path / "out.tif", aoi=aoi_file, **RUN)
+    got = _read(out)[0]
+    from dinov3geo.io.vector import aoi_geometry, aoi_mask
+
+    inside = aoi_mask(aoi_geometry(aoi_file, grid.crs), grid)
+    assert 6000 < inside.sum() < 6700  # ~pi * 45^2 pixels
+    assert np.isnan(got[~inside]).all()
+    ref = model.whole_image(img)[0]
+    np.testing.assert_allclose(got[inside], ref[inside], rtol=2e-6)
+    assert model.windows == 9  # of 25: windows away from the circle are never read
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_crash_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+    img = smooth_field(330, 300, bands=2)
+    src = write_raster(tmp_path / "in.tif", img, transform=TRANSFORM)
+    ref = predict_raster(MeanFilter(3, 2), src, tmp_path / "ref.tif", batch_size=2, **RUN)
+
+    out = tmp_path / "out.tif"
+    crashing = CountingMeanFilter(3, 2, fail_after=9)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        predict_raster(crashing, src, out, batch_size=2, **RUN)
+    assert not out.exists()  # nothing half-written at the final path
+    manifest = json.loads((parts_dir(out) / "manifest.json").read_text())
+    n_done = len(manifest["done"])
+    assert 0 < n_done < 16
+
+    resumed = CountingMeanFilter(3, 2)
+    predict_raster(resumed, src, out, batch_size=2, **RUN)
+    total = CountingMeanFilter(3, 2)
+    predict_raster(total, src, tmp_path / "again.tif", batch_size=2, **RUN)
+    assert 0 < resumed.windows < total.windows  # finished blocks were not recomputed
+    np.testing.assert_array_equal(_read(out), _read(ref))
+    assert not parts_dir(out).exists()
+
+
+def test_changed_settings_do_not_reuse_parts(tmp_path: Path) -> None:
+    src = write_raster(tmp_path / "in.tif", smooth_field(200, 200), transform=TRANSFORM)
+    out = tmp_path / "out.tif"
+    with pytest.raises(RuntimeError):
+        predict_raster(CountingMeanFilter(fail_after=4), src, out, **RUN)
+    other = CountingMeanFilter(5)  # another model: its parts must not be mixed in
+    predict_raster(other, src, out, **RUN)
+    np.testing.assert_allclose(_read(out), MeanFilter(5).whole_image(smooth_field(200, 200)), rtol=2e-6)
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+    img = smooth_field(320, 320)
+    src = write_raster(tmp_path / "in.tif", img, transform=TRANSFORM)
+    out = tmp_path / "out.tif"
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(f"""
+        from dinov3geo.inference import predict_raster
+        from tests.inference.conftest import CountingMeanFilter
+
+        predict_raster(CountingMeanFilter(3, delay=0.15), {str(src)!r}, {str(out)!r}, window=64, overlap=16, block_size=96,
+                       blocksize=128, batch_size=2, progress=False)
+    """))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen([sys.executable, str(script)], env=env)
+    manifest = parts_dir(out) / "manifest.json"
+    deadline = time.time() + 60
+    n_done = 0
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if manifest.exists():
+                n_done = len(json.loads(manifest.read_text())["done"])
+                if n_done >= 2:
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()
+    assert 2 <= n_done < 25
+    model = CountingMeanFilter(3)
+    predict_raster(model, src, out, batch_size=2, **RUN)
+    full = 49  # 7 x 7 windows
+    assert model.windows < full
+    np.testing.assert_allclose(_read(out), MeanFilter(3).whole_image(img), rtol=2e-6)
+    ref = predict_raster(MeanFilter(3), src, tmp_path / "ref.tif", batch_size=2, **RUN)
+    np.testing.assert_array_equal(_read(out), _read(ref))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_single_thread_mode_gives_identical_output(tmp_path: Path) -> None:
+    src = write_raster(tmp_path / "in.tif", smooth_field(200, 260, bands=2), transform=TRANSFORM)
+    a = predict_raster(MeanFilter(3, 2), src, tmp_path / "a.tif", **RUN)
+    b = predict_raster(MeanFilter(3, 2), src, tmp_path / "b.tif", threads=False, read_threads=1, **RUN)
+    c = predict_raster(MeanFilter(3, 2), src, tmp_path / "c.tif", read_threads=3, **RUN)
+    np.testing.assert_array_equal(_read(a), _read(b))
+    np.testing.assert_array_equal(_read(a), _read(c))
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def test_mosaic_of_scenes_in_two_crs(tmp_path: Path) -> None:
+    img = smooth_field(120, 200)
+    left = write_raster(tmp_path / "left.tif", img[:, :, :110], transform=TRANSFORM)
+    right_tr = from_origin(500000.0 + 100 * 10, 4000000.0, 10.0, 10.0)
+    right = write_raster(tmp_path / "right.tif", img[:, :, 100:], transform=right_tr)
+    model = MeanFilter(3)
+    out = predict_raster(model, [left, right], tmp_path / "out.tif", **RUN)
+    with rasterio.open(out) as ds:
+        assert (ds.width, ds.height) == (200, 120) and ds.transform == TRANSFORM
+        got = ds.read()
+    np.testing.assert_allclose(got, model.whole_image(img), rtol=2e-6)
+
+
+def test_tile_store_input(tmp_path: Path) -> None:
+    from dinov3geo.ingest.ingest import ingest
+
+    img = (smooth_field(200, 200, bands=3) / 20).astype(np.uint16)
+    src = write_raster(tmp_path / "in.tif", img, transform=TRANSFORM, nodata=0)
+    store = tmp_path / "tiles.zarr"
+    ingest([src], store, tile_size=64, progress=False, min_valid=0.01)
+    model = MeanFilter(3, 3)
+    out = predict_raster(model, store, tmp_path / "out.tif", **RUN)
+    got = _read(out)
+    with rasterio.open(out) as ds:
+        assert ds.crs.to_epsg() == 32633
+        col, row = ~ds.transform * (TRANSFORM.c, TRANSFORM.f)
+    r0, c0 = round(row), round(col)
+    assert r0 >= 0 and c0 >= 0
+    sub = got[:, r0 : r0 + 200, c0 : c0 + 200]
+    ref = model.whole_image(img.astype(np.float32))
+    np.testing.assert_allclose(sub[:, 2:-2, 2:-2], ref[:, 2:-2, 2:-2], rtol=1e-5)
+
+
+def test_backbone_features_at_patch_resolution(tmp_path: Path) -> None:
+    from dinov3geo.models import build_backbone
+
+    torch.manual_seed(0)
+    bb = build_backbone("vit_tiny_test", in_chans=4).eval()
+    model = BackboneFeatures(bb, value_scale=1e-4)
+    img = (smooth_field(100, 130, bands=4)).astype(np.uint16)
+    src = write_raster(tmp_path / "in.tif", img, transform=TRANSFORM)
+    out = predict_raster(model, src, tmp_path / "feat.tif", window=128, overlap=64, block_size=128,
+                         progress=False)
+    with rasterio.open(out) as ds:
+        assert ds.count == 64 and ds.descriptions[0] == "feat_000"
+        assert (ds.height, ds.width) == (7, 9)  # ceil(100 / 16), ceil(130 / 16)
+        assert ds.transform == TRANSFORM * rasterio.Affine.scale(16)
+        feats = ds.read()
+    assert np.isfinite(feats).all()
+    # the top-left patch is dominated by the first window: compare with the model on that window alone
+    x = torch.from_numpy(img[:, :64, :64].astype(np.float32))[None]
+    with torch.inference_mode():
+        direct = model(x, torch.ones(1, 64, 64, dtype=torch.bool))[0].numpy()
+    np.testing.assert_allclose(feats[:, 0, 0], direct[:, 0, 0], rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_autocast_on_cpu_runs(tmp_path: Path) -> None:
+    img = smooth_field(100, 100, bands=2) / 1000
+    src = write_raster(tmp_path / "in.tif", img, transform=TRANSFORM)
+    net = ConvNet(2).eval()
+    model = TorchRasterModel(net, 1, receptive_margin=2)
+    a = _read(predict_raster(model, src, tmp_path / "a.tif", amp="bf16", **RUN))
+    b = _read(predict_raster(model, src, tmp_path / "b.tif", amp=None, **RUN))
+    assert not np.array_equal(a, b)
+    np.testing.assert_allclose(a, b, atol=0.05)
+
+
+@pytest.mark.distributed
+def test_dask_local_cluster_gives_identical_output(tmp_path: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    src = write_raster(tmp_path / "in.tif", smooth_field(260, 250, bands=2), transform=TRANSFORM)
+    local = predict_raster(MeanFilter(3, 2), src, tmp_path / "local.tif", **RUN)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        out = predict_raster(MeanFilter(3, 2), src, tmp_path / "dask.tif", scheduler=client, **RUN)
+    np.testing.assert_array_equal(_read(out), _read(local))
+    assert validate_cog(out)[0]

@@ -1,12 +1,14 @@
-"""Forward throughput of the dinov3geo DINOv3 backbone vs timm's Eva port on the same config.
+"""Forward throughput of the dinov3geo DINOv3 backbone vs timm's Eva port of the same model.
 
-Both models get the same (random) weights, run in eval mode under ``torch.inference_mode`` with the same
-thread count, in fp32 and under bf16 autocast. Timings of the two models are interleaved (one repeat of each
-in turn) and the median (or, with ``--best``, the fastest) images/s is reported, which keeps the ratio fair on a shared machine.
+Both models get the same (random) weights and run in eval mode under ``torch.inference_mode`` with the same
+thread count, in fp32 and under bf16 autocast, on batches of ``--batch`` square images. Timings of the two
+models are interleaved (one run of each in turn, after ``--warmup`` runs of each) so that load from other jobs
+hits both alike; the fastest of ``--repeat`` runs is kept (``--median`` reports the median instead). The
+table gives images/s and the ratio dinov3geo / timm (goal: >= 1.0).
 
 Example::
 
-    .venv/bin/python benchmarks/backbone.py --arch vits16 --sizes 224 512 --threads 2
+    .venv/bin/python benchmarks/backbone.py --arch vits16 --sizes 224 512 --threads 2 [--json out.json]
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import statistics
 import time
 
 import torch
+from _common import environment, log, print_table, write_json
 
 from dinov3geo.models import TIMM_NAMES, build_backbone
 
 
-def _timm_model(arch: str, model: torch.nn.Module) -> torch.nn.Module:
+def timm_model(arch: str, model: torch.nn.Module) -> torch.nn.Module:
+    """timm's model for ``arch`` (CLS pooling, no classifier) carrying ``model``'s weights."""
     import timm
     from timm.models.eva import checkpoint_filter_fn
 
@@ -40,54 +44,64 @@ def _run(model: torch.nn.Module, x: torch.Tensor, bf16: bool) -> None:
 
 
 def bench(
-    models: dict[str, torch.nn.Module],
-    x: torch.Tensor,
-    bf16: bool,
-    warmup: int,
-    repeats: int,
-    best: bool = False,
+    models: dict[str, torch.nn.Module], x: torch.Tensor, bf16: bool, warmup: int, repeat: int, median: bool
 ) -> dict[str, float]:
-    """Images/s of each model (median over ``repeats`` interleaved runs, or the best run with ``best``)."""
+    """Images/s of each model: the fastest of ``repeat`` interleaved runs (or their median)."""
     for _ in range(warmup):
         for m in models.values():
             _run(m, x, bf16)
     times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(repeats):
+    for _ in range(repeat):
         for name, m in models.items():
             t0 = time.perf_counter()
             _run(m, x, bf16)
             times[name].append(time.perf_counter() - t0)
-    stat = min if best else statistics.median
+    stat = statistics.median if median else min
     return {k: x.shape[0] / stat(v) for k, v in times.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="vits16", help="dinov3geo arch name (default: vits16)")
+    p.add_argument("--arch", default="vits16", help="dinov3geo arch name with a timm port (default: vits16)")
     p.add_argument("--sizes", type=int, nargs="+", default=[224, 512], help="square input sizes in pixels")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--best", action="store_true", help="report the fastest run instead of the median")
+    p.add_argument("--repeat", type=int, default=7, help="timed runs per model and setting")
+    p.add_argument("--median", action="store_true", help="report the median run instead of the fastest")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ours = build_backbone(args.arch).eval()
-    models = {"dinov3geo": ours, "timm": _timm_model(args.arch, ours)}
+    models = {"dinov3geo": ours, "timm": timm_model(args.arch, ours)}
 
-    print(f"arch={args.arch} batch={args.batch} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"{'size':>5} {'dtype':>5} {'dinov3geo img/s':>16} {'timm img/s':>11} {'ratio':>6}")
+    rows, results = [], []
     for size in args.sizes:
         x = torch.randn(args.batch, 3, size, size)
         for dtype in args.dtypes:
-            r = bench(models, x, dtype == "bf16", args.warmup, args.repeats, args.best)
+            log(f"{args.arch} {size}px {dtype}")
+            r = bench(models, x, dtype == "bf16", args.warmup, args.repeat, args.median)
             ratio = r["dinov3geo"] / r["timm"]
-            print(
-                f"{size:>5} {dtype:>5} {r['dinov3geo']:>16.2f} {r['timm']:>11.2f} {ratio:>6.3f}", flush=True
+            rows.append([size, dtype, r["dinov3geo"], r["timm"], f"{ratio:.3f}"])
+            results.append(
+                {
+                    "size": size,
+                    "dtype": dtype,
+                    "dinov3geo_img_s": r["dinov3geo"],
+                    "timm_img_s": r["timm"],
+                    "ratio": ratio,
+                }
             )
+    title = (
+        f"arch={args.arch} batch={args.batch} threads={torch.get_num_threads()} torch={torch.__version__} "
+        f"({'median' if args.median else 'fastest'} of {args.repeat}; goal ratio >= 1.0)"
+    )
+    print_table(rows, ["size", "dtype", "dinov3geo img/s", "timm img/s", "ratio"], title=title)
+    if args.json:
+        write_json(args.json, {"args": vars(args), "environment": environment(), "results": results})
 
 
 if __name__ == "__main__":

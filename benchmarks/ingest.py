@@ -10,9 +10,9 @@ In one run it
 1. generates (or reuses, from ``--workdir``) a tiled, deflate-compressed 4-band uint16 GeoTIFF with nodata 0
    outside a margin and a diagonal swath edge, and image-like content (smooth fields + noise); a small raster
    of the same kind is made for the memory check;
-2. measures the *floor*: a bare loop that reads the same strips (one row of tiles) with rasterio and writes the
-   same tiles into a Zarr v3 array with the tile store's chunking and compression (one chunk per tile), on the
-   same number of threads;
+2. measures the *floor*: a bare loop that reads the same strips (one row of tiles) with rasterio and writes
+   the same tiles into a Zarr v3 array with the tile store's chunking and compression (one chunk per tile),
+   on the same number of threads;
 3. measures ``ingest`` throughput on the same raster and its ratio to the floor (goal >= 0.8);
 4. runs both with 1 and 2 threads (goal: ingest speed-up >= 1.6; the floor's own scaling is printed since on
    two shared cores it bounds what ingest can reach);
@@ -85,7 +85,9 @@ def _band_params(bands: int, seed: int) -> list[dict[str, Any]]:
     return out
 
 
-def _content(r0: int, r1: int, width: int, params: list[dict[str, Any]], rng: np.random.Generator) -> np.ndarray:
+def _content(
+    r0: int, r1: int, width: int, params: list[dict[str, Any]], rng: np.random.Generator
+) -> np.ndarray:
     """``[bands, r1 - r0, width]`` uint16 image-like values in ``[1, 65535]``."""
     y = np.arange(r0, r1, dtype=np.float64)
     x = np.arange(width, dtype=np.float64)
@@ -103,7 +105,9 @@ def _content(r0: int, r1: int, width: int, params: list[dict[str, Any]], rng: np
     return out
 
 
-def ensure_raster(workdir: Path, size: int, bands: int, block: int, seed: int = 0) -> tuple[Path, float | None]:
+def ensure_raster(
+    workdir: Path, size: int, bands: int, block: int, seed: int = 0
+) -> tuple[Path, float | None]:
     """The benchmark raster of side ``size`` in ``workdir``: (path, generation seconds or None when cached).
 
     Written window by window (one row of blocks at a time, so memory stays small) to a temporary name and
@@ -261,7 +265,10 @@ def _measure(kind: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
         res = run_child(__file__, {**spec, "kind": kind, "store": str(store)})
     finally:
         wall = time.perf_counter() - t0
+        # outside the timed part: drop the store and flush the page cache's dirty pages, so the next
+        # measurement neither writes back nor discards this one's files
         shutil.rmtree(store, ignore_errors=True)
+        os.sync()
     res["mb_s"] = res["bytes"] / 1e6 / res["seconds"]
     res["cpu_s_per_gb"] = res["cpu_s"] / (res["bytes"] / 1e9)
     log(f"  {kind:6s} threads={spec.get('threads', spec.get('workers'))} mask={bool(spec.get('mask'))}: "
@@ -304,13 +311,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/dinov3geo-bench"),
                    help="where generated rasters are cached and temporary stores are written")
     p.add_argument("--size", type=int, default=16000, help="side in pixels of the large raster")
-    p.add_argument("--small", type=int, default=4000, help="side in pixels of the small raster (memory check)")
+    p.add_argument("--small", type=int, default=4000,
+                   help="side in pixels of the small raster (memory check)")
     p.add_argument("--bands", type=int, default=4, help="bands of the generated rasters (uint16)")
     p.add_argument("--block", type=int, default=512, help="GeoTIFF block size of the generated rasters")
     p.add_argument("--tile", type=int, default=256, help="tile size of the store")
     p.add_argument("--min-valid", type=float, default=0.5, help="ingest's min_valid")
     p.add_argument("--workers", type=int, default=2, help="threads of the main runs (compared with 1)")
-    p.add_argument("--repeat", type=int, default=1, help="repetitions of each timed run (the fastest is kept)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="repetitions of each timed run (the fastest is kept)")
     p.add_argument("--skip-scaling", action="store_true", help="skip the 1-thread runs")
     p.add_argument("--skip-rss", action="store_true", help="skip the small-raster memory run")
     p.add_argument("--json", type=Path, default=None, help="write all numbers to this JSON file")
@@ -410,7 +419,8 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
         write_json(args.json, {
             "benchmark": "ingest",
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
+            "config": {k: (str(v) if isinstance(v, Path) else v)
+                       for k, v in vars(args).items() if k != "child"},
             "environment": environment(),
             "raster": info_large,
             "raster_small": info_small,

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quiet:
         cfg.train.progress_bar = False
     res = pretrain(cfg, resume=args.resume, stage=section or "pretrain", max_steps=args.max_steps)
-    if not args.quiet:
+    if res.is_global_zero and not args.quiet:
         print(f"stage {section or 'pretrain'}: {res.iterations} iterations")
         print(f"  checkpoint: {res.checkpoint}")
         print(f"  backbone (Meta format + metadata): {res.backbone_meta}")

@@ -22,7 +22,14 @@ from dinov3geo.inference.engine import (
 )
 from dinov3geo.inference.layout import Layout, blend_weights_1d, lattice_starts
 from dinov3geo.inference.models import BackboneFeatures, MeanFilter, RasterModel, TorchRasterModel
-from dinov3geo.inference.sources import MosaicSource, RasterSource, SceneSource, TileStoreSource, as_source
+from dinov3geo.inference.sources import (
+    MosaicSource,
+    RasterSource,
+    SceneSource,
+    StackSource,
+    TileStoreSource,
+    as_source,
+)
 
 __all__ = [
     "BackboneFeatures",
@@ -33,6 +40,7 @@ __all__ = [
     "RasterModel",
     "RasterSource",
     "SceneSource",
+    "StackSource",
     "TileStoreSource",
     "TorchRasterModel",
     "as_source",

@@ -34,6 +34,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -393,6 +394,8 @@ class _Pipeline:
         self.q_out: queue.Queue = queue.Queue(maxsize=queue_batches)
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
+        self.model_seconds = 0.0
+        self.model_windows = 0
 
     def _put(self, q: queue.Queue, item: Any) -> None:
         while not self.stop.is_set():
@@ -506,7 +509,10 @@ class _Pipeline:
                     break
                 if item[0] == "batch":
                     batch = item[1]
+                    t0 = time.perf_counter()
                     y = _run_model(self.model, batch, device, amp, cfg.out_bands, cfg.layout.window_out)
+                    self.model_seconds += time.perf_counter() - t0
+                    self.model_windows += len(batch.cells)
                     self._put(self.q_out, ("out", batch, y))
                 else:
                     self._put(self.q_out, item)
@@ -563,8 +569,8 @@ def make_layout(
 ) -> Layout:
     """The :class:`~dinov3geo.inference.layout.Layout` :func:`predict_raster` uses for ``model`` on a grid.
 
-    ``overlap`` defaults to a quarter window, at least twice the model's receptive margin plus a ramp of two
-    output pixels, at most half a window. ``blocksize`` is the COG tile size (default: 512, smaller for many
+    ``overlap`` defaults to a quarter window, and at least twice the model's receptive margin plus a ramp of
+    two output pixels. ``blocksize`` is the COG tile size (default: 512, smaller for many
     bands); blocks are at least large enough for tiles to align with it.
     """
     scale = int(model.scale)
@@ -575,7 +581,10 @@ def make_layout(
         raise ValueError(f"window {window} must be a multiple of the model scale {scale}")
     if overlap is None:
         want = max(window // 4, 2 * margin_out * scale + 2 * scale)
-        overlap = min(math.ceil(want / scale) * scale, window // 2 // scale * scale)
+        overlap = math.ceil(want / scale) * scale
+        if overlap >= window:
+            raise ValueError(f"window {window} is too small for the model's receptive margin of "
+                             f"{model.receptive_margin} px; use a window of at least {2 * overlap} px")
     bs = blocksize or _cog_blocksize(model.out_bands, np.dtype(model.out_dtype))
     stride_out = (window - overlap) // scale
     if stride_out <= 0:
@@ -616,6 +625,7 @@ def predict_raster(
     overview_resampling: str = "average",
     gdal_cachemax_mb: int = 128,
     tags: dict[str, Any] | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> Path:
     """Run ``model`` over a whole raster region with blended sliding windows and write a COG.
 
@@ -652,6 +662,10 @@ def predict_raster(
             bands).
         gdal_cachemax_mb: GDAL block cache for reading and writing.
         tags: extra dataset metadata for the COG.
+        stats: a dict to fill with run statistics (``seconds``, ``model_seconds``: time in model calls,
+            ``windows_run``, ``blocks_run``, ``blocks_resumed``, ``finish_seconds``: building the final COG).
+
+    With ``scale > 1`` an output pixel is valid when any of its input pixels is valid (and inside the AOI).
 
     Returns:
         ``out_path`` as an absolute path.
@@ -705,6 +719,10 @@ def predict_raster(
     done_blocks = [b for b in blocks if manifest.is_done(b)]
     todo = [b for b in blocks if not manifest.is_done(b)]
     bar = progress_bar(total=layout.n_windows, desc=f"predict {out.name}", disable=not progress, unit="win")
+    t_start = time.perf_counter()
+    st: dict[str, Any] = {"blocks_run": len(todo), "blocks_resumed": len(done_blocks), "model_seconds": None,
+                          "windows_run": None, "layout": {"window": window, "overlap": overlap, "scale": scale,
+                                                          "block_windows": bw, "n_windows": layout.n_windows}}
     try:
         with rasterio.Env(GDAL_CACHEMAX=gdal_cachemax_mb), writer:
             tiles = _TileWriter(cfg, model, writer, set(), set())
@@ -712,7 +730,9 @@ def predict_raster(
                 _run_dask(cfg, model, tiles, manifest, todo, done_blocks, bar, scheduler)
             elif threads:
                 model.to(dev).eval()
-                _Pipeline(cfg, model, tiles, manifest, todo, done_blocks, bar, queue_batches=3).run()
+                pipe = _Pipeline(cfg, model, tiles, manifest, todo, done_blocks, bar, queue_batches=3)
+                pipe.run()
+                st.update(model_seconds=pipe.model_seconds, windows_run=pipe.model_windows)
             else:
                 model.to(dev).eval()
                 for b in done_blocks:
@@ -727,10 +747,15 @@ def predict_raster(
             missing = [t for t in blocks if t not in tiles.written]
             if missing:  # pragma: no cover - guards the dependency bookkeeping
                 raise RuntimeError(f"internal error: tiles {missing[:5]} were never written")
+            t_finish = time.perf_counter()
+        st["finish_seconds"] = time.perf_counter() - t_finish
     finally:
         bar.close()
     if not keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
+    st["seconds"] = time.perf_counter() - t_start
+    if stats is not None:
+        stats.update(st)
     return out
 
 

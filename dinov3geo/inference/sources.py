@@ -27,7 +27,7 @@ from dinov3geo.io.grid import GridSpec
 from dinov3geo.io.scene import GDAL_ENV, Scene
 from dinov3geo.io.sources import open_scene
 
-__all__ = ["MosaicSource", "RasterSource", "SceneSource", "TileStoreSource", "as_source"]
+__all__ = ["MosaicSource", "RasterSource", "SceneSource", "StackSource", "TileStoreSource", "as_source"]
 
 
 class WindowReader(ABC):
@@ -217,6 +217,60 @@ class MosaicSource(RasterSource):
                 "grid": self.grid.to_dict()}
 
 
+class _StackReader(WindowReader):
+    def __init__(self, src: StackSource) -> None:
+        self._readers = [s.reader() for s in src.sources]
+        self._dtype = src.dtype
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        datas, valid = [], None
+        for r in self._readers:
+            d, v = r.read(window)
+            datas.append(d.astype(self._dtype, copy=False))
+            valid = v if valid is None else valid & v
+        assert valid is not None
+        return np.concatenate(datas), valid
+
+    def close(self) -> None:
+        for r in self._readers:
+            r.close()
+
+
+class StackSource(RasterSource):
+    """Bands of several inputs stacked on one grid, e.g. two dates for a change model (``[t0 bands, t1 bands]``).
+
+    A pixel is valid where it is valid in every input. Band names get a ``t<k>_`` prefix.
+
+    Args:
+        inputs: scenes, raster paths or :class:`RasterSource` objects (each is read on ``grid``).
+        grid: the common grid (default: the first input's grid).
+    """
+
+    def __init__(self, inputs: Sequence[Any], grid: GridSpec | None = None) -> None:
+        if len(inputs) < 2:
+            raise ValueError("a stack needs at least two inputs")
+        first = inputs[0] if isinstance(inputs[0], RasterSource) else as_source(inputs[0])
+        grid = grid or first.grid
+        srcs: list[RasterSource] = []
+        for x in inputs:
+            if isinstance(x, RasterSource):
+                if not x.grid.same_as(grid):
+                    raise ValueError("RasterSource inputs of a stack must already be on the stack grid")
+                srcs.append(x)
+            else:
+                srcs.append(as_source(x, grid=grid))
+        self.sources = srcs
+        self.grid = grid
+        self.band_names = tuple(f"t{k}_{b}" for k, s in enumerate(srcs) for b in s.band_names)
+        self.dtype = str(np.result_type(*[np.dtype(s.dtype) for s in srcs]))
+
+    def reader(self) -> WindowReader:
+        return _StackReader(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "stack", "inputs": [s.describe() for s in self.sources], "grid": self.grid.to_dict()}
+
+
 # ---------------------------------------------------------------------------------------------- tile store
 class _TileStoreReader(WindowReader):
     def __init__(self, src: TileStoreSource) -> None:
@@ -351,7 +405,7 @@ def as_source(
     * a :class:`RasterSource`: used as is (``grid`` must then be None);
     * a :class:`~dinov3geo.io.scene.Scene`, a raster path or a STAC item: one scene (see
       :func:`~dinov3geo.io.open_scene`; for a folder/list of *band files* open the scene yourself);
-    * a list of scenes or raster paths: a :class:`MosaicSource`;
+    * a list of scenes or raster paths: a :class:`MosaicSource` (use :class:`StackSource` to stack dates);
     * a folder holding a Zarr tile store (``zarr.json``): a :class:`TileStoreSource`.
 
     Args:

@@ -163,7 +163,7 @@ def _task_layout(scene: Scene, tile: int) -> tuple[int, int]:
 
 
 def _block_valid_counts(scene: Scene, row_offs: list[int], cols: list[int], tile: int) -> np.ndarray:
-    """Valid pixels of each tile of a block of tiles (consecutive tile rows ``row_offs`` x columns ``cols``)."""
+    """Valid pixels of each tile of a block: consecutive tile rows ``row_offs`` x tile columns ``cols``."""
     r0, c0 = row_offs[0], cols[0]
     with scene.reader() as r:
         chip = r.read(Window(c0, r0, cols[-1] + tile - c0, row_offs[-1] + tile - r0))
@@ -190,7 +190,8 @@ def _block_write(
     for row_off, cols, slots, seed, quota in strips:
         y = slice(row_off - r0, row_off - r0 + tile)
         strip = (chip.data[:, y], chip.valid[y], c0)
-        out.append(_strip_write(scene, store_path, row_off, cols, slots, tile, dtype, seed, quota=quota, strip=strip))
+        out.append(_strip_write(scene, store_path, row_off, cols, slots, tile, dtype, seed, quota=quota,
+                                strip=strip))
     return out
 
 
@@ -439,9 +440,11 @@ def _ingest_scene(
     col_groups = [cols[j : j + n_cols] for j in range(0, len(cols), n_cols)]
     # pass 1: valid pixels of every candidate tile
     if _all_valid(scene):
-        counts = np.array([[min(tile, g.height - r) * min(tile, g.width - c) for c in cols] for r in rows], np.int64)
+        counts = np.array([[min(tile, g.height - r) * min(tile, g.width - c) for c in cols] for r in rows],
+                          np.int64)
     else:
-        tasks = [dask.delayed(_block_valid_counts)(scene, rg, cg, tile) for rg in row_groups for cg in col_groups]
+        tasks = [dask.delayed(_block_valid_counts)(scene, rg, cg, tile)
+                 for rg in row_groups for cg in col_groups]
         parts = iter(_compute(tasks, client, workers, f"{scene.id[:28]} masks", progress))
         counts = np.zeros((len(rows), len(cols)), np.int64)
         for i in range(0, len(rows), n_rows):
@@ -484,7 +487,8 @@ def _ingest_scene(
             for r in rg:
                 slots = [slot_of.get((r, c), -1) for c in cg]
                 if any(s >= 0 for s in slots):
-                    n_valid = sum(int(counts[r // tile, c // tile]) for c, s in zip(cg, slots, strict=True) if s >= 0)
+                    n_valid = sum(int(counts[r // tile, c // tile])
+                                  for c, s in zip(cg, slots, strict=True) if s >= 0)
                     strips.append([r, cg, slots, zlib.crc32(f"{scene.id}:{r}:{cg[0]}".encode()), n_valid])
             if strips:
                 parts_spec.append(strips)
@@ -492,8 +496,8 @@ def _ingest_scene(
     flat = [st for strips in parts_spec for st in strips]
     for st, q in zip(flat, _quotas([st[4] for st in flat], stats.sample_size), strict=True):
         st[4] = q
-    tasks = [dask.delayed(_block_write)(scene, str(ts.path), [tuple(st) for st in strips], tile, str(ts.dtype))
-             for strips in parts_spec]
+    tasks = [dask.delayed(_block_write)(scene, str(ts.path), [tuple(st) for st in strips], tile,
+                                        str(ts.dtype)) for strips in parts_spec]
     results = _compute(tasks, client, workers, f"{scene.id[:28]} tiles", progress)
     rng = np.random.default_rng(0)
     nbytes = 0

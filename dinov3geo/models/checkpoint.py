@@ -180,7 +180,10 @@ def _extract(obj: Any, what: str) -> _Extracted:
         elif isinstance(arch, Mapping):
             config = BackboneConfig.from_dict(dict(arch))
         elif isinstance(arch, str):
-            config = get_config(arch)
+            try:
+                config = get_config(arch)
+            except KeyError as e:
+                raise CheckpointError(f"{what}: {e.args[0]}") from e
         meta = obj.get("metadata")
         metadata = BackboneMetadata.from_dict(dict(meta)) if isinstance(meta, Mapping) else None
         return _Extracted(dict(sd), "dinov3geo", config, arch if isinstance(arch, str) else None, metadata)
@@ -601,9 +604,9 @@ def load_backbone(
         model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
     if missing or unexpected:
         logger.warning("loaded %s with strict=False:%s", what, _describe_keys(missing, unexpected, []))
-    model.arch_name = arch_name(cfg)  # type: ignore[assignment]
+    model.arch_name = arch_name(cfg)
     model.metadata = meta_obj
-    model.load_report = LoadReport(ext.kind, model.arch_name, cfg, missing, unexpected, notes)  # type: ignore[assignment]
+    model.load_report = LoadReport(ext.kind, model.arch_name, cfg, missing, unexpected, notes)
     for note in notes:
         logger.info("%s: %s", what, note)
     return model.eval()

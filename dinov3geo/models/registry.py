@@ -132,7 +132,7 @@ def build_backbone(
     """
     cfg = get_config(arch, **overrides)
     model = DinoVisionTransformer(cfg, device=device)
-    model.arch_name = arch_name(cfg)  # type: ignore[assignment]
+    model.arch_name = arch_name(cfg)
     if init and (device is None or torch.device(device).type != "meta"):
         model.init_weights()
     return model

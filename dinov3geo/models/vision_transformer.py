@@ -126,7 +126,9 @@ class DinoVisionTransformer(nn.Module):
         self.local_cls_norm = norm_layer(cfg.embed_dim) if cfg.untie_global_and_local_cls_norm else None
         self.head = nn.Identity()
         self.mask_token = nn.Parameter(torch.empty(1, cfg.embed_dim, device=device))
-        self.metadata: Any = None
+        self.metadata: Any = None  # BackboneMetadata attached by load_backbone
+        self.arch_name: str | None = None  # registered arch name, set by build_backbone / load_backbone
+        self.load_report: Any = None  # checkpoint.LoadReport, set by load_backbone
 
     # ------------------------------------------------------------------ init
     def init_weights(self) -> None:

@@ -111,11 +111,18 @@ def build_augmentation(cfg: SSLConfig, band_names: Sequence[str], *, rgb: bool =
     )
 
 
-def build_dataset(cfg: SSLConfig) -> SSLTileDataset:
-    """Tile dataset + augmentation of a stage (see :func:`build_augmentation` for RGB vs other bands)."""
+def build_dataset(cfg: SSLConfig, tiles: Any = None) -> SSLTileDataset:
+    """Tile dataset + augmentation of a stage (see :func:`build_augmentation` for RGB vs other bands).
+
+    ``tiles`` replaces the tile store by any dataset with the :class:`TileDataset` item interface and a
+    ``band_names`` attribute (e.g. :class:`dinov3geo.data.torchgeo.GeoDatasetTiles`), already normalised.
+    """
     from dinov3geo.data.augmentations import is_rgb
     from dinov3geo.ingest.store import TileStore
 
+    if tiles is not None:
+        return SSLTileDataset(tiles, build_augmentation(cfg, list(tiles.band_names), rgb=False),
+                              seed=cfg.train.seed)
     if not cfg.data.store:
         raise ValueError("data.store is not set: point it at a tile store made by `dinov3geo ingest`")
     store = TileStore.open(cfg.data.store)
@@ -139,9 +146,9 @@ def build_dataset(cfg: SSLConfig) -> SSLTileDataset:
 
 
 def build_dataloader(cfg: SSLConfig, start_iteration: int = 0, rank: int = 0, world_size: int = 1,
-                     pin_memory: bool = False) -> tuple[DataLoader, TileDataset]:
+                     pin_memory: bool = False, tiles: Any = None) -> tuple[DataLoader, Any]:
     """DataLoader of collated multi-crop batches for a stage, starting at ``start_iteration``."""
-    ds = build_dataset(cfg)
+    ds = build_dataset(cfg, tiles)
     tiles = ds.tiles
     sampler = IterationSampler(len(tiles), cfg.data.batch_size, seed=cfg.train.seed,
                                start_iteration=start_iteration, rank=rank, world_size=world_size)

@@ -43,14 +43,16 @@ class PretrainResult:
     backbone: Path
     metrics_csv: Path | None
     iterations: int
+    is_global_zero: bool = True
 
 
 class SSLDataModule(pl.LightningDataModule):
     """Builds the (deterministic, infinite) loader at the trainer's current iteration and rank."""
 
-    def __init__(self, cfg: SSLConfig) -> None:
+    def __init__(self, cfg: SSLConfig, tiles: Any = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.tiles = tiles
 
     def train_dataloader(self) -> Any:
         tr = self.trainer
@@ -58,7 +60,7 @@ class SSLDataModule(pl.LightningDataModule):
         rank = tr.global_rank if tr is not None else 0
         world = tr.world_size if tr is not None else 1
         loader, _ = build_dataloader(self.cfg, start_iteration=start, rank=rank, world_size=world,
-                                     pin_memory=torch.cuda.is_available())
+                                     pin_memory=torch.cuda.is_available(), tiles=self.tiles)
         return loader
 
 
@@ -103,7 +105,7 @@ def _metadata(cfg: SSLConfig, store: TileStore, bands: list[str], stage: str) ->
 
 
 def pretrain(cfg: SSLConfig, *, resume: bool = False, stage: str = "pretrain",
-             max_steps: int | None = None) -> PretrainResult:
+             max_steps: int | None = None, tiles: Any = None) -> PretrainResult:
     """Run one pretraining stage (see module docstring).
 
     Args:
@@ -112,13 +114,14 @@ def pretrain(cfg: SSLConfig, *, resume: bool = False, stage: str = "pretrain",
         stage: name recorded in the exported metadata.
         max_steps: stop after this many iterations (for tests / interrupted runs); schedules still use
             ``cfg.optim.iterations``.
+        tiles: train on this dataset instead of ``cfg.data.store`` (e.g. a torchgeo GeoDataset wrapped in
+            :class:`dinov3geo.data.torchgeo.GeoDatasetTiles`).
     """
     out = Path(cfg.train.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    store = TileStore.open(cfg.data.store)
-    bands = list(cfg.data.bands or store.band_names)
+    store = TileStore.open(cfg.data.store) if tiles is None else None
+    bands = list(tiles.band_names) if tiles is not None else list(cfg.data.bands or store.band_names)
     devices = cfg.train.devices
     n_dev = devices if isinstance(devices, int) else (torch.cuda.device_count() if devices == "auto" else 1)
     global_batch = cfg.data.batch_size * max(1, n_dev) * cfg.train.num_nodes
@@ -142,24 +145,40 @@ def pretrain(cfg: SSLConfig, *, resume: bool = False, stage: str = "pretrain",
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         deterministic=False, default_root_dir=out,
     )
+    if trainer.is_global_zero:
+        from dinov3geo.utils.atomic import atomic_path
+
+        with atomic_path(out / "config.json") as tmp:
+            tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
     last = ckpt_dir / "last.ckpt"
     ckpt_path = str(last) if resume and last.exists() else None
     if resume and ckpt_path is None:
         log.warning("no checkpoint at %s; starting from scratch", last)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
-        trainer.fit(module, datamodule=SSLDataModule(cfg), ckpt_path=ckpt_path, weights_only=True)
+        trainer.fit(module, datamodule=SSLDataModule(cfg, tiles), ckpt_path=ckpt_path, weights_only=True)
     # the final state, atomically (also when max_steps stopped early); optimizer state included
     trainer.save_checkpoint(last, weights_only=False)
+    csv = out / "logs" / run / "metrics.csv"
+    if not trainer.is_global_zero:  # rank 0 exports; the other ranks are done
+        return PretrainResult(out, last, out / "backbone.pth", out / "backbone.dinov3geo.pt", None,
+                              int(trainer.global_step), is_global_zero=False)
     teacher = module.model.teacher["backbone"]
     backbone = teacher.float().cpu().eval()
-    meta = _metadata(cfg, store, bands, stage)
+    meta = _metadata(cfg, store, bands, stage) if store is not None else BackboneMetadata(
+        bands=bands, mean=_floats(getattr(tiles, "mean", None)), std=_floats(getattr(tiles, "std", None)),
+        provenance={"trained_with": "dinov3geo", "stage": stage, "arch": cfg.student.arch,
+                    "iterations": cfg.optim.iterations, "dataset": type(tiles).__name__,
+                    "normalization_units": "raw"})
     backbone.metadata = meta
     meta_path = export_meta(backbone, out / "backbone.pth", metadata=meta)
     own_path = save_backbone(backbone, out / "backbone.dinov3geo.pt", metadata=meta)
-    csv = out / "logs" / run / "metrics.csv"
     return PretrainResult(out, last, Path(meta_path), Path(own_path), csv if csv.exists() else None,
                           int(trainer.global_step))
+
+
+def _floats(v: Any) -> list[float] | None:
+    return None if v is None else [float(x) for x in v]
 
 
 def _next_run(logs: Path) -> str:

@@ -29,6 +29,6 @@ def configure_logging(verbose: int = 0, quiet: bool = False) -> None:
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     # GDAL's harmless TIFF quirk warnings (e.g. ExtraSamples) only with -vv
-    for name in ("rasterio", "rasterio._env", "distributed"):
+    for name in ("rasterio", "rasterio._env", "distributed", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else max(level, logging.ERROR))
     set_quiet(quiet)

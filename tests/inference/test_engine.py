@@ -302,3 +302,55 @@ def test_dask_local_cluster_gives_identical_output(tmp_path: Path) -> None:
         out = predict_raster(MeanFilter(3, 2), src, tmp_path / "dask.tif", scheduler=client, **RUN)
     np.testing.assert_array_equal(_read(out), _read(local))
     assert validate_cog(out)[0]
+
+
+def test_user_grid_and_shapely_aoi_with_crs(tmp_path: Path) -> None:
+    img = smooth_field(200, 200)
+    src = write_raster(tmp_path / "in.tif", img, transform=TRANSFORM)
+    grid = GridSpec("EPSG:32633", from_origin(500200.0, 3999800.0, 20.0, 20.0), 70, 60)  # coarser, offset
+    lon_lat_box = gpd.GeoSeries([shapely.box(*grid.bounds)], crs=grid.crs).to_crs("EPSG:4326").iloc[0]
+    aoi = lon_lat_box.buffer(-0.001)  # inside the grid, in degrees
+    out = predict_raster(MeanFilter(3), src, tmp_path / "out.tif", out_grid=grid, aoi=aoi, aoi_crs="EPSG:4326",
+                         **RUN)
+    with rasterio.open(out) as ds:
+        assert GridSpec.from_dataset(ds).same_as(grid)
+        got = ds.read(1)
+    assert np.isnan(got[0]).all() and np.isnan(got[:, 0]).all()  # outside the shrunken AOI
+    # grid columns 90+ (x >= 501999 m) lie past the input raster's right edge: nodata
+    assert np.isnan(got[:, -1]).all()
+    assert np.isfinite(got[10:40, 10:60]).all()
+
+
+def test_default_overlap_respects_the_receptive_margin() -> None:
+    from dinov3geo.inference import make_layout
+
+    lay = make_layout(MeanFilter(41), 1000, 1000, window=64)
+    assert lay.overlap >= 2 * 20 and lay.ramp >= 2
+    with pytest.raises(ValueError, match="receptive margin"):
+        make_layout(MeanFilter(41), 1000, 1000, window=64, overlap=16)
+
+
+def test_two_dates_stacked_for_a_change_model(tmp_path: Path) -> None:
+    from dinov3geo.inference import StackSource
+
+    t0, t1 = smooth_field(150, 160, seed=1), smooth_field(150, 160, seed=2)
+    t1[:, :20, :] = -1  # nodata in the second date only
+    a = write_raster(tmp_path / "t0.tif", t0, transform=TRANSFORM)
+    b = write_raster(tmp_path / "t1.tif", t1, transform=TRANSFORM, nodata=-1)
+
+    class Difference(MeanFilter):
+        def __init__(self) -> None:
+            super().__init__(3, bands=2)
+            self.out_bands, self.band_names = 1, ("delta",)
+
+        def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+            y = super().forward(x, valid)
+            return y[:, 1:2] - y[:, 0:1]
+
+    stack = StackSource([a, b])
+    assert stack.count == 2 and stack.band_names[0].startswith("t0_") and stack.band_names[1].startswith("t1_")
+    out = predict_raster(Difference(), stack, tmp_path / "delta.tif", **RUN)
+    got = _read(out)[0]
+    assert np.isnan(got[:20]).all()
+    ref = MeanFilter(3).whole_image(t1)[0] - MeanFilter(3).whole_image(t0)[0]
+    np.testing.assert_allclose(got[21:], ref[21:], atol=1e-3)

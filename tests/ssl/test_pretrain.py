@@ -210,3 +210,20 @@ def test_cli_pretrain(rgb_store, tmp_path, capsys):
     assert (tmp_path / "cli" / "backbone.pth").exists()
     assert main(["pretrain", str(cfg_path), "--set", "optim.nope=1"]) == 1
     assert "optim.nope" in capsys.readouterr().err
+
+
+def test_pretrain_on_a_torchgeo_geodataset(shared_data, tmp_path):
+    from torchgeo.datasets import RasterDataset
+    from torchgeo.samplers import RandomGeoSampler
+
+    from dinov3geo.data.torchgeo import GeoDatasetTiles
+
+    ds = RasterDataset(paths=str(shared_data / "landsat/rasterio_RGB.byte.tif"))
+    sampler = RandomGeoSampler(ds, size=64, length=12, generator=torch.Generator().manual_seed(0))
+    tiles = GeoDatasetTiles(ds, sampler, band_names=["red", "green", "blue"], nodata=0)
+    item = tiles[0]
+    assert item["image"].shape == (3, 64, 64) and item["valid"].dtype == torch.bool
+    assert (item["image"][:, ~item["valid"]] == 0).all()
+    res = pretrain(_cfg(Path("unused"), tmp_path / "tg", optim__iterations=2), tiles=tiles)
+    bb = load_backbone(res.backbone)
+    assert bb.metadata.bands == ["red", "green", "blue"] and len(bb.metadata.mean) == 3

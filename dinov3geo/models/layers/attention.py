@@ -68,9 +68,18 @@ def apply_rope_prefix(x: Tensor, rope: RopeTables) -> Tensor:
     # the prefix round trip through the table dtype is the identity
     patches = x[..., n_prefix:, :]
     half = patches.shape[-1] // 2
-    rotated = patches * cos
+    if x.dtype == sin.dtype and not (torch.is_grad_enabled() and x.requires_grad):
+        # write straight into the output (no concatenation pass); same floats
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        out[..., :n_prefix, :] = x[..., :n_prefix, :]
+        rotated = torch.mul(patches, cos, out=out[..., n_prefix:, :])
+    else:
+        out = None
+        rotated = patches * cos
     rotated[..., :half] -= patches[..., half:] * sin[..., :half]
     rotated[..., half:] += patches[..., :half] * sin[..., half:]
+    if out is not None:
+        return out.to(x_dtype)
     return torch.cat((x[..., :n_prefix, :], rotated.to(x.dtype)), dim=-2).to(x_dtype)
 
 

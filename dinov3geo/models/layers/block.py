@@ -83,9 +83,17 @@ class SelfAttentionBlock(nn.Module):
             return y.mul_(ls.gamma)
         return ls(y)
 
+    @staticmethod
+    def _residual(x: Tensor, branch: Tensor) -> Tensor:
+        """``x + branch``; without autograd the sum is written into the fresh ``branch`` tensor when the
+        dtypes allow it (IEEE addition is commutative, so the floats are the same)."""
+        if not torch.is_grad_enabled() and branch.dtype == torch.promote_types(x.dtype, branch.dtype):
+            return branch.add_(x)
+        return x + branch
+
     def _forward_plain(self, x: Tensor, rope: RopeTables | None) -> Tensor:
-        x = x + self._scale(self.ls1, self.attn(self.norm1(x), rope=rope))
-        return x + self._scale(self.ls2, self.mlp(self.norm2(x)))
+        x = self._residual(x, self._scale(self.ls1, self.attn(self.norm1(x), rope=rope)))
+        return self._residual(x, self._scale(self.ls2, self.mlp(self.norm2(x))))
 
     def _forward_list(self, x_list: Sequence[Tensor], rope_list: Sequence[RopeTables | None]) -> list[Tensor]:
         if not (self.training and self.sample_drop_ratio > 0.0):

@@ -2,8 +2,8 @@
 
 Benchmarks here are plain scripts (not pytest tests). Each measurement that needs its own peak memory runs
 in a fresh Python process started with :func:`run_child`: the child calls the measured function, then prints
-one result line (``BENCH_RESULT {json}``) that includes its own peak RSS, so peaks of different runs never mix
-(``RUSAGE_CHILDREN`` would only give the maximum over all children so far).
+one result line (``BENCH_RESULT {json}``) that includes its own peak RSS (see :func:`peak_rss_mib`), so peaks
+of different runs never mix (``RUSAGE_CHILDREN`` would only give the maximum over all children so far).
 """
 
 from __future__ import annotations
@@ -23,7 +23,20 @@ RESULT_PREFIX = "BENCH_RESULT "
 
 
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far, in MiB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far, in MiB.
+
+    On Linux this is ``VmHWM`` from ``/proc/self/status``: the high-water mark of this process image only.
+    ``ru_maxrss`` is not used there because Linux carries the parent's RSS over into a child (it is the
+    maximum over fork and exec), so a child started by a big parent would report the parent's size.
+    Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS) is the fallback.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 

@@ -17,8 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("config", help="YAML config")
     p.add_argument("--stage", default=None,
-                   help="stage section to run when the config has several (e.g. pretrain); default: the "
-                   "first stage, or the whole file when it has no stage sections")
+                   help="stage to run when the config has several: pretrain, gram, highres, distill, or "
+                   "'all' (every stage in order, each starting from the previous one); default: the first "
+                   "stage, or the whole file when it has no stage sections")
     p.add_argument("--resume", action="store_true", help="continue from <output_dir>/checkpoints/last.ckpt")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set optim.iterations=100 (repeatable)")
@@ -30,7 +31,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dinov3geo.ssl.config import STAGES, load_config
-    from dinov3geo.ssl.train import pretrain
+    from dinov3geo.ssl.train import pretrain, run_stages
+
+    if args.stage == "all":
+        results = run_stages(args.config, overrides=args.overrides)
+        if not args.quiet:
+            for name, r in results.items():
+                if r.is_global_zero:
+                    print(f"stage {name}: {r.iterations} iterations -> {r.backbone_meta}")
+        return 0
 
     with open(args.config) as f:
         raw = yaml.safe_load(f) or {}

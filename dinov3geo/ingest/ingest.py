@@ -2,9 +2,11 @@
 
 Each scene is cut into ``tile x tile`` windows aligned on its grid (the last row/column padded and masked,
 never dropped). Tiles whose valid fraction is below ``min_valid`` are skipped and counted. The work of a
-scene is split into strips (one row of tiles each) that dask runs on threads (default) or on a
-``dask.distributed`` cluster; each strip task reads its window once, writes its tiles straight into their
-Zarr chunks (one chunk per tile, so tasks never touch the same chunk) and returns partial statistics.
+scene is split into blocks of tiles (as many tile rows as one block row of the files, at most
+``SEGMENT_PX`` columns, so memory does not grow with the scene) that dask runs on threads (default) or on a
+``dask.distributed`` cluster. Pass 1 counts the valid pixels of every tile (skipped when no pixel can be
+invalid); pass 2 reads each block once and writes each strip's (tile row's) kept tiles straight into their
+Zarr chunks (one chunk per tile, so tasks never touch the same chunk), returning partial statistics.
 
 A scene is committed to the store's ledger only after all its tiles are written; a run killed midway is
 undone (truncated) by the next run, which then redoes that scene. Scenes already in the ledger (same id,
@@ -134,7 +136,7 @@ def _all_valid(scene: Scene) -> bool:
 # Tasks read windows of whole tile rows/columns: as many tile rows as one block row of the files holds (so no
 # compressed block is decoded twice), at most MAX_TASK_ROWS_PX rows, and at most SEGMENT_PX columns, so a
 # task's memory does not grow with the scene's width.
-SEGMENT_PX = 2048
+SEGMENT_PX = 4096
 MAX_TASK_ROWS_PX = 1024
 
 
@@ -182,6 +184,10 @@ def _block_write(
 
     ``strips``: per tile row ``(row_off, cols, slots, seed, quota)``, as for :func:`_strip_write`.
     """
+    import zarr
+
+    arrays = (zarr.open_array(os.path.join(store_path, "tiles"), mode="r+"),
+              zarr.open_array(os.path.join(store_path, "valid"), mode="r+"))
     kept_cols = [c for _, cols, slots, _, _ in strips for c, s in zip(cols, slots, strict=True) if s >= 0]
     r0, c0 = strips[0][0], min(kept_cols)
     with scene.reader() as r:
@@ -191,7 +197,7 @@ def _block_write(
         y = slice(row_off - r0, row_off - r0 + tile)
         strip = (chip.data[:, y], chip.valid[y], c0)
         out.append(_strip_write(scene, store_path, row_off, cols, slots, tile, dtype, seed, quota=quota,
-                                strip=strip))
+                                strip=strip, arrays=arrays))
     return out
 
 
@@ -206,11 +212,13 @@ def _strip_write(
     seed: int,
     quota: int | None = None,
     strip: tuple[np.ndarray, np.ndarray, int] | None = None,
+    arrays: tuple[Any, Any] | None = None,
 ) -> tuple[BandStats, int]:
     """Write the kept tiles of one strip (tile row) into their slots, return statistics of their valid pixels.
 
     ``strip``: the strip's pixels already read, as ``(data [bands, tile, w], valid [tile, w], col_off of
     column 0)``; read here when None. ``quota``: sample share of these pixels (see :meth:`BandStats.update`).
+    ``arrays``: the store's ``tiles`` and ``valid`` arrays already open (opened here when None).
     """
     import zarr
 
@@ -234,8 +242,10 @@ def _strip_write(
         valid[k] = svalid[:, sl]
     # statistics of the whole strip at once (one sample draw, not one per tile)
     stats.update(data.transpose(1, 0, 2, 3), valid, rng, quota=quota)
-    tiles = zarr.open_array(os.path.join(store_path, "tiles"), mode="r+")
-    vmask = zarr.open_array(os.path.join(store_path, "valid"), mode="r+")
+    if arrays is None:
+        arrays = (zarr.open_array(os.path.join(store_path, "tiles"), mode="r+"),
+                  zarr.open_array(os.path.join(store_path, "valid"), mode="r+"))
+    tiles, vmask = arrays
     # keep slots are consecutive (row-major order of kept tiles): write runs in one call each
     runs = _runs([s for _, s in keep])
     k0 = 0

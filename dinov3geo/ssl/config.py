@@ -47,6 +47,7 @@ class StudentConfig:
     layerscale: float = 1e-5
     pretrained_weights: str | None = None  #: optional backbone to start from (anything load_backbone reads)
     resume_from_teacher_chkpt: str | None = None  #: a previous stage's checkpoint (student <- its teacher)
+    freeze_backbone: bool = False  #: train the heads only (e.g. heads for a frozen external teacher)
     overrides: dict[str, Any] = field(default_factory=dict)  #: extra build_backbone(**overrides)
 
 
@@ -63,6 +64,9 @@ class CropsConfig:
     vertical_flips: bool = True
     rotations: bool = True  #: 90 degree rotations (valid for nadir imagery)
     blur_mode: str = "intended"  #: "intended" or "released" (the official 1-p bug, spec 2.2)
+    #: high-resolution adaptation: per-batch mix of {global_crops_size, local_crops_size,
+    #: gram_teacher_crops_size, share}; empty = the single sizes above
+    resolution_mix: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -112,6 +116,14 @@ class GramConfig:
     global_teacher_resize_method: str = "bicubic"
     global_teacher_resize_antialias: bool = False
     compute_stats: bool = False
+
+
+@dataclass
+class DistillationConfig:
+    enabled: bool = False
+    #: a dinov3geo stage checkpoint (``checkpoints/last.ckpt``) whose EMA teacher (backbone + heads) is the
+    #: frozen teacher; its architecture is read from the checkpoint
+    teacher_checkpoint: str | None = None
 
 
 @dataclass
@@ -171,6 +183,7 @@ class SSLConfig:
     dino: DinoConfig = field(default_factory=DinoConfig)
     ibot: IbotConfig = field(default_factory=IbotConfig)
     gram: GramConfig = field(default_factory=GramConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedules: SchedulesConfig = field(default_factory=SchedulesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

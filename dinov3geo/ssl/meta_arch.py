@@ -24,6 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinov3geo.models import build_backbone, load_backbone
+from dinov3geo.ssl.checkpoints import (
+    load_teacher_backbone,
+    load_teacher_modules,
+    read_stage_checkpoint,
+    teacher_parts,
+)
 from dinov3geo.ssl.config import SSLConfig
 from dinov3geo.ssl.heads import DINOHead
 from dinov3geo.ssl.losses import DINOLoss, GramLoss, KoLeoLoss, KoLeoLossDistributed, iBOTPatchLoss
@@ -72,9 +78,28 @@ class SSLMetaArch(nn.Module):
 
         self.student = nn.ModuleDict({"backbone": student_backbone, "dino_head": head(cfg.dino),
                                       "ibot_head": head(cfg.ibot)})
-        self.teacher = copy.deepcopy(self.student)
+        if cfg.student.resume_from_teacher_chkpt:
+            self._init_student_from_stage(cfg.student.resume_from_teacher_chkpt)
+        self.distillation = cfg.distillation.enabled
+        if self.distillation:
+            # a frozen teacher of another (bigger) architecture; the student's EMA is what gets saved
+            if not cfg.distillation.teacher_checkpoint:
+                raise ValueError("distillation.enabled needs distillation.teacher_checkpoint (a stage checkpoint "
+                                 "whose teacher has trained heads; train heads for an external backbone with a "
+                                 "stage that sets student.pretrained_weights and student.freeze_backbone)")
+            teacher, tcfg = load_teacher_modules(cfg.distillation.teacher_checkpoint)
+            for sec in ("dino", "ibot"):
+                if tcfg[sec]["head_n_prototypes"] != getattr(cfg, sec).head_n_prototypes:
+                    raise ValueError(f"{sec}.head_n_prototypes must equal the teacher's "
+                                     f"({tcfg[sec]['head_n_prototypes']}) for distillation")
+            self.teacher = teacher
+            self.student_ema = copy.deepcopy(self.student)
+            self.student_ema.requires_grad_(False)
+        else:
+            self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
-        self.model_ema = self.teacher
+        if cfg.student.freeze_backbone:
+            self.student["backbone"].requires_grad_(False)
 
         self.dino_loss = DINOLoss(cfg.dino.head_n_prototypes)
         self.ibot_patch_loss = iBOTPatchLoss(cfg.ibot.head_n_prototypes)
@@ -98,6 +123,8 @@ class SSLMetaArch(nn.Module):
         self.gram_teacher_initialized = False
         self.gram_updates_done = 0
         self.gram_teacher: nn.ModuleDict | None = None
+        if g.use_loss and cfg.distillation.enabled:
+            raise ValueError("gram.use_loss and distillation.enabled cannot both be set (no Gram term in distillation)")
         if g.use_loss:
             if g.tokens_used not in ("all", "masked", "unmasked"):
                 raise ValueError(f"gram.tokens_used must be all/masked/unmasked, got {g.tokens_used!r}")
@@ -110,14 +137,36 @@ class SSLMetaArch(nn.Module):
                 self.gram_teacher = nn.ModuleDict({"backbone": copy.deepcopy(student_backbone)})
                 self.gram_teacher.requires_grad_(False)
                 if g.ckpt:
-                    gt = load_backbone(g.ckpt, strict=True)
+                    gt = load_teacher_backbone(g.ckpt)
                     self.gram_teacher["backbone"].load_state_dict(gt.state_dict())
                     self.gram_teacher_initialized = True
+
+    @property
+    def model_ema(self) -> nn.ModuleDict:
+        """The EMA copy of the student: the teacher, or (distillation) the student EMA that gets saved."""
+        return self.student_ema if self.distillation else self.teacher
+
+    @torch.no_grad()
+    def _init_student_from_stage(self, source: str) -> None:
+        """Student (backbone, and heads when the file has them) from a previous stage's EMA teacher."""
+        from pathlib import Path
+
+        if Path(source).suffix == ".ckpt":
+            parts = teacher_parts(read_stage_checkpoint(source))
+            for name, sd in parts.items():
+                if name in self.student:
+                    self.student[name].load_state_dict(sd, strict=True)
+        else:
+            bb = load_backbone(source, strict=True)
+            self.student["backbone"].load_state_dict(bb.state_dict(), strict=True)
+        log.info("student initialised from the teacher of %s", source)
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> SSLMetaArch:
         super().train(mode)
         self.teacher.eval()  # the teacher never augments RoPE or drops paths
+        if self.distillation:
+            self.student_ema.eval()
         if self.gram_teacher is not None:
             self.gram_teacher.eval()
         return self
@@ -149,7 +198,8 @@ class SSLMetaArch(nn.Module):
         n_g, B = global_crops.shape[:2]
         n_l = local_crops.shape[0]
         g_out, l_out = self.student["backbone"](
-            [global_crops.flatten(0, 1), local_crops.flatten(0, 1)], masks=[masks, None], is_training=True)
+            [global_crops.flatten(0, 1), local_crops.flatten(0, 1)],
+            masks=[None if self.distillation else masks, None], is_training=True)
         g_cls, g_patch = g_out["x_norm_clstoken"], g_out["x_norm_patchtokens"]
         l_cls = l_out["x_norm_clstoken"]
         masked_pre_head = torch.index_select(g_patch.flatten(0, 1), dim=0, index=mask_indices_list)
@@ -232,8 +282,11 @@ class SSLMetaArch(nn.Module):
         loss_dict.update(dino_local_crops_loss=dino_local.detach(), dino_global_crops_loss=dino_global.detach(),
                          koleo_loss=koleo.detach(), ibot_loss=ibot.detach(), dino_local_loss_weight=local_weight)
         if self.gram_use_loss:
+            gram_crops = data.get("collated_gram_teacher_crops") if self.has_gram_teacher else None
+            if self.has_gram_teacher and gram_crops is None:
+                raise ValueError("no Gram-teacher crops in the batch: set crops.gram_teacher_crops_size")
             gram_out = self.get_gram_teacher_output(
-                data.get("collated_gram_teacher_crops") if self.has_gram_teacher else None,
+                gram_crops.unflatten(0, (n_g, B)) if gram_crops is not None else None,
                 masks=masks, teacher_global=teacher_global, student_global=student_global,
                 student_crop_size=global_crops.shape[-1])
             gram = self.gram_loss(gram_out["student_patches"], gram_out["teacher_patches"],

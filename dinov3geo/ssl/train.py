@@ -163,7 +163,7 @@ def pretrain(cfg: SSLConfig, *, resume: bool = False, stage: str = "pretrain",
     if not trainer.is_global_zero:  # rank 0 exports; the other ranks are done
         return PretrainResult(out, last, out / "backbone.pth", out / "backbone.dinov3geo.pt", None,
                               int(trainer.global_step), is_global_zero=False)
-    teacher = module.model.teacher["backbone"]
+    teacher = module.model.model_ema["backbone"]  # EMA teacher; the student's EMA when distilling
     backbone = teacher.float().cpu().eval()
     meta = _metadata(cfg, store, bands, stage) if store is not None else BackboneMetadata(
         bands=bands, mean=_floats(getattr(tiles, "mean", None)), std=_floats(getattr(tiles, "std", None)),
@@ -218,3 +218,51 @@ def _isnum(v: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def run_stages(config: str | Path | dict[str, Any], stages: list[str] | None = None,
+               overrides: list[str] | None = None, tiles: Any = None) -> dict[str, PretrainResult]:
+    """Run the stages of a staged config in order (pretrain -> gram -> highres -> distill).
+
+    Each stage writes to ``<common train.output_dir>/<stage>`` unless it sets its own ``train.output_dir``.
+    Unless the stage config says otherwise, a stage starts from the previous one: ``gram`` and ``highres``
+    initialise the student (backbone and heads) from the previous stage's EMA teacher, ``highres`` takes
+    it as its fixed Gram teacher, and ``distill`` uses it as the frozen teacher. A stage whose checkpoint
+    already reached its iteration count is not rerun; an interrupted one is resumed.
+    """
+    import yaml
+
+    from dinov3geo.ssl.checkpoints import read_stage_checkpoint
+    from dinov3geo.ssl.config import STAGES, ConfigError, load_config
+
+    raw = config if isinstance(config, dict) else (yaml.safe_load(Path(config).read_text()) or {})
+    present = [s for s in STAGES if s in raw]
+    todo = stages or present
+    for s in todo:
+        if s not in present:
+            raise ConfigError(f"stage {s!r} is not in the config (it has {present})")
+    base = Path(load_config(raw, overrides=overrides, section=present[0]).train.output_dir)
+    results: dict[str, PretrainResult] = {}
+    prev: Path | None = None
+    for stage in present:
+        stage_raw = raw.get(stage) or {}
+        extra = list(overrides or [])
+        if "output_dir" not in (stage_raw.get("train") or {}):
+            extra.append(f"train.output_dir={base / stage}")
+        cfg = load_config(raw, overrides=extra, section=stage)
+        if prev is not None:
+            if stage in ("gram", "highres") and not cfg.student.resume_from_teacher_chkpt:
+                cfg.student.resume_from_teacher_chkpt = str(prev)
+            if stage == "highres" and cfg.gram.use_loss and not cfg.gram.ckpt and not cfg.gram.ema_teacher:
+                cfg.gram.ckpt = str(prev)
+            if stage == "distill" and cfg.distillation.enabled and not cfg.distillation.teacher_checkpoint:
+                cfg.distillation.teacher_checkpoint = str(prev)
+        last = Path(cfg.train.output_dir) / "checkpoints" / "last.ckpt"
+        if stage in todo:
+            done = last.exists() and read_stage_checkpoint(last)["global_step"] >= cfg.optim.iterations
+            if done:
+                log.info("stage %s already complete (%s); skipping", stage, last)
+            else:
+                results[stage] = pretrain(cfg, resume=last.exists(), stage=stage, tiles=tiles)
+        prev = last
+    return results

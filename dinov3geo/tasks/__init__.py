@@ -1,0 +1,1 @@
+"""Tasks on frozen backbone features: dense features, canopy height, change detection."""

@@ -1,0 +1,236 @@
+"""Dense DINOv3 features of a whole raster as a georeferenced Zarr, plus the PCA picture DINOv3 is known for.
+
+``extract_features`` runs a backbone over the image window by window through the inference engine
+(:func:`dinov3geo.inference.predict_raster`: overlapping, blended, resumable, memory bounded by the window
+and batch size), producing patch features on the image grid coarsened by 16 (the feature grid's transform
+is the image transform scaled by 16). The result is written as an xarray ``Dataset`` in Zarr v3 with
+variable ``features (feature, y, x)``, CRS and transform (``spatial_ref``, rioxarray conventions), and
+nodata as NaN. A 3-component PCA of the features (fitted on valid pixels) is rendered to a PNG and a
+georeferenced RGB GeoTIFF (COG).
+
+Normalisation follows the backbone's metadata (dinov3geo checkpoints carry band names, mean/std and the
+value scale they were trained with); Meta's weights without metadata use the SAT-493M constants on
+``[0, 1]`` values (uint8 inputs are divided by 255).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+from torch import Tensor
+
+from dinov3geo.inference import BackboneFeatures, predict_raster
+from dinov3geo.io.grid import GridSpec
+from dinov3geo.models import SAT493M, build_backbone, load_backbone
+
+
+@dataclass
+class FeatureResult:
+    """Outputs of :func:`extract_features`."""
+
+    zarr: Path
+    pca_png: Path | None
+    pca_tif: Path | None
+    grid: GridSpec
+    n_features: int
+
+
+class MultiLayerFeatures(BackboneFeatures):
+    """:class:`BackboneFeatures` over several blocks, concatenated along the feature axis."""
+
+    def __init__(self, backbone: torch.nn.Module, layers: Sequence[int], **kw: Any) -> None:
+        super().__init__(backbone, **kw)
+        depth = len(backbone.blocks)
+        self.layers = [int(x) % depth for x in layers]
+        d = int(backbone.embed_dim)
+        self.out_bands = d * len(self.layers)
+        self.band_names = tuple(f"l{li:02d}_f{k:03d}" for li in self.layers for k in range(d))
+
+    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
+        feats = self.backbone.get_intermediate_layers(x, n=self.layers, reshape=True, norm=True)
+        return torch.cat(list(feats), dim=1)
+
+
+def normalisation_for(backbone: Any, dtype: str) -> tuple[float, list[float] | None, list[float] | None]:
+    """(value_scale, mean, std) to feed ``backbone`` with raw pixels of ``dtype``."""
+    meta = getattr(backbone, "metadata", None)
+    int8 = np.dtype(dtype) == np.uint8
+    if meta is not None and meta.mean is not None and meta.std is not None:
+        units = str(meta.provenance.get("normalization_units", "[0, 1]"))
+        if units.startswith("[0, 1]"):
+            hi = units.split("raw /")[-1].rstrip(")").strip() if "raw /" in units else ("255" if int8 else "1")
+            return 1.0 / float(hi), list(meta.mean), list(meta.std)
+        return 1.0, list(meta.mean), list(meta.std)
+    if backbone.patch_embed.proj.in_channels == 3:
+        return (1 / 255 if int8 else 1.0), list(SAT493M.mean), list(SAT493M.std)
+    return 1.0, None, None
+
+
+def extract_features(
+    image: Any,
+    out: str | os.PathLike,
+    *,
+    weights: str | os.PathLike | None = None,
+    arch: str = "vits16",
+    layers: Sequence[int] = (-1,),
+    bands: Sequence[str | int] | None = None,
+    window: int = 512,
+    overlap: int | None = None,
+    batch_size: int = 4,
+    device: str = "auto",
+    amp: str | None = "auto",
+    pca: bool = True,
+    progress: bool = True,
+    value_scale: float | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> FeatureResult:
+    """Dense features of ``image`` into the Zarr ``out`` (see module docstring).
+
+    Args:
+        image: raster path, band folder, STAC item or scene (anything the inference engine reads).
+        out: output ``.zarr`` path (replaced atomically).
+        weights: backbone weights (Meta, timm or dinov3geo format); None builds ``arch`` with random weights
+            (only useful for testing).
+        layers: block indices (negative from the end) whose normed patch tokens are concatenated.
+        bands: input bands by name or index (default all; must match the backbone's channels).
+        window, overlap, batch_size, device, amp: inference-engine settings.
+        pca: also write ``<out stem>_pca.png`` and ``<out stem>_pca.tif``.
+        value_scale, mean, std: override the input normalisation.
+    """
+    from dinov3geo.inference.sources import as_source
+
+    out = Path(out)
+    backbone = load_backbone(weights) if weights is not None else build_backbone(arch)
+    backbone.eval()
+    src = as_source(image, bands=bands)
+    vs, m, s = normalisation_for(backbone, src.dtype if hasattr(src, "dtype") else "float32")
+    model = MultiLayerFeatures(backbone, layers, value_scale=value_scale if value_scale is not None else vs,
+                               mean=mean if mean is not None else m, std=std if std is not None else s)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_tif = out.parent / f".{out.name}.features.tif"
+    predict_raster(model, image, tmp_tif, window=window, overlap=overlap, batch_size=batch_size, bands=bands,
+                   device=device, amp=amp, progress=progress, overviews=False)
+    try:
+        grid = _to_zarr(tmp_tif, out, model.band_names, layers=model.layers, weights=weights)
+        pca_png = pca_tif = None
+        if pca:
+            pca_png, pca_tif = _pca_outputs(tmp_tif, out, grid)
+    finally:
+        tmp_tif.unlink(missing_ok=True)
+    return FeatureResult(out, pca_png, pca_tif, grid, model.out_bands)
+
+
+def _to_zarr(tif: Path, out: Path, names: Sequence[str], **attrs: Any) -> GridSpec:
+    """Copy the feature COG into a Zarr v3 xarray Dataset (chunked, lazy), replacing ``out`` atomically."""
+    import rioxarray  # noqa: F401 - registers .rio
+    import xarray as xr
+
+    da = xr.open_dataarray(tif, engine="rasterio", chunks={"band": -1, "x": 512, "y": 512}, mask_and_scale=True)
+    da = da.rename({"band": "feature"}).assign_coords(feature=list(names))
+    ds = xr.Dataset({"features": da.astype("float32")})
+    ds["features"].attrs = {"long_name": "DINOv3 patch features", "nodata": "NaN"}
+    ds.attrs.update({k: (str(v) if not isinstance(v, list | int | float) else v) for k, v in attrs.items()})
+    ds = ds.rio.write_crs(da.rio.crs).rio.write_transform(da.rio.transform())
+    ds = ds.set_coords("spatial_ref")
+    ds["features"].encoding.pop("grid_mapping", None)
+    ds["features"].attrs["grid_mapping"] = "spatial_ref"
+    ds = ds.assign_coords(feature=np.asarray(list(names), dtype=object))
+    for v in ds.variables.values():
+        v.encoding.pop("chunks", None)
+        v.encoding.pop("preferred_chunks", None)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    with rasterio.open(tif) as src:
+        return GridSpec(src.crs, src.transform, src.width, src.height)
+
+
+class PCA3:
+    """The first 3 principal components of feature vectors and a 2-98 % stretch to uint8 (1..255; 0 = nodata)."""
+
+    def __init__(self, sample: np.ndarray) -> None:
+        if sample.shape[0] < 3:
+            raise ValueError("not enough valid feature pixels for a PCA")
+        fit = sample.astype(np.float64)
+        self.mu = fit.mean(0)
+        _, _, vt = np.linalg.svd(fit - self.mu, full_matrices=False)
+        self.vt = vt[:3]
+        proj = (fit - self.mu) @ self.vt.T
+        self.lo, self.hi = np.percentile(proj, 2, axis=0), np.percentile(proj, 98, axis=0)
+
+    def render(self, features: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """``features [C, h, w]`` -> ``[3, h, w]`` uint8."""
+        c, h, w = features.shape
+        x = features.reshape(c, -1).T[valid.ravel()].astype(np.float64)
+        rgb = np.clip(((x - self.mu) @ self.vt.T - self.lo) / np.maximum(self.hi - self.lo, 1e-12), 0, 1)
+        out = np.zeros((h * w, 3), np.uint8)
+        out[valid.ravel()] = np.round(rgb * 254 + 1).astype(np.uint8)
+        return out.T.reshape(3, h, w)
+
+
+def pca_rgb(features: np.ndarray, valid: np.ndarray, n_fit: int = 20000, seed: int = 0) -> np.ndarray:
+    """In-memory convenience: :class:`PCA3` fitted on (a sample of) ``features`` and rendered."""
+    x = features.reshape(features.shape[0], -1).T[valid.ravel()]
+    rng = np.random.default_rng(seed)
+    pca = PCA3(x[rng.choice(x.shape[0], min(n_fit, x.shape[0]), replace=False)] if x.shape[0] else x)
+    return pca.render(features, valid)
+
+
+def _pca_outputs(tif: Path, out: Path, grid: GridSpec, n_fit: int = 20000, block: int = 512) -> tuple[Path, Path]:
+    """Fit on a sample of valid pixels read window by window, then render window by window (bounded memory)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from rasterio.windows import Window
+
+    from dinov3geo.io.cog import COGWriter
+
+    rng = np.random.default_rng(0)
+    with rasterio.open(tif) as src:
+        wins = [Window(c, r, min(block, src.width - c), min(block, src.height - r))
+                for r in range(0, src.height, block) for c in range(0, src.width, block)]
+        per = max(1, n_fit // len(wins))
+        samples = []
+        for w in wins:
+            f = src.read(window=w, out_dtype="float32")
+            x = f.reshape(f.shape[0], -1).T
+            x = x[np.isfinite(x).all(1)]
+            if len(x):
+                samples.append(x[rng.choice(len(x), min(per, len(x)), replace=False)])
+        pca = PCA3(np.concatenate(samples) if samples else np.empty((0, src.count)))
+        stem = out.with_suffix("")
+        png, tif_out = Path(f"{stem}_pca.png"), Path(f"{stem}_pca.tif")
+        preview_step = max(1, int(np.ceil(max(src.width, src.height) / 4096)))  # PNG at most ~4096 px
+        preview = np.zeros((3, -(-src.height // preview_step), -(-src.width // preview_step)), np.uint8)
+        with COGWriter(tif_out, grid, 3, "uint8", nodata=0, band_names=["pc1", "pc2", "pc3"],
+                       tags={"DESCRIPTION": "PCA (3 components) of DINOv3 patch features"}) as wr:
+            for w in wins:
+                f = src.read(window=w, out_dtype="float32")
+                valid = np.isfinite(f).all(0)
+                rgb = pca.render(np.nan_to_num(f), valid)
+                wr.write(rgb, w)
+                r0, c0 = int(w.row_off), int(w.col_off)
+                sub = rgb[:, (-r0) % preview_step :: preview_step, (-c0) % preview_step :: preview_step]
+                pr, pc = -(-r0 // preview_step), -(-c0 // preview_step)
+                preview[:, pr : pr + sub.shape[1], pc : pc + sub.shape[2]] = sub
+    tmp_png = png.parent / f".{png.name}.tmp.png"
+    plt.imsave(tmp_png, np.moveaxis(preview, 0, -1))
+    os.replace(tmp_png, png)
+    return png, tif_out

@@ -387,8 +387,10 @@ class _Pipeline:
     """Reader thread -> model (calling thread) -> writer thread, with bounded queues."""
 
     def __init__(self, cfg: InferenceConfig, model: RasterModel, tiles: _TileWriter, manifest: _Manifest,
-                 todo: list[tuple[int, int]], done: list[tuple[int, int]], bar: Any, queue_batches: int) -> None:
+                 todo: list[tuple[int, int]], done: list[tuple[int, int]], bar: Any, queue_batches: int,
+                 io_nice: int = 0) -> None:
         self.cfg, self.model, self.tiles, self.manifest = cfg, model, tiles, manifest
+        self.io_nice = io_nice
         self.todo, self.done, self.bar = todo, done, bar
         self.q_in: queue.Queue = queue.Queue(maxsize=queue_batches)
         self.q_out: queue.Queue = queue.Queue(maxsize=queue_batches)
@@ -417,9 +419,17 @@ class _Pipeline:
         self.errors.append(exc)
         self.stop.set()
 
+    def _lower_priority(self) -> None:
+        """Raise this thread's nice value so I/O work yields the cores to the model's threads (Linux)."""
+        if self.io_nice > 0:
+            with contextlib.suppress(AttributeError, OSError):
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.io_nice)
+
     # -- reader thread
     def _reader(self) -> None:
         cfg = self.cfg
+        self._lower_priority()
         local = threading.local()
         readers: list[WindowReader] = []
         lock = threading.Lock()
@@ -465,6 +475,7 @@ class _Pipeline:
     # -- writer thread
     def _writer(self) -> None:
         cfg = self.cfg
+        self._lower_priority()
         accs: dict[tuple[int, int], _Accumulator] = {}
         try:
             while True:
@@ -530,6 +541,22 @@ class _Pipeline:
 
 
 # ---------------------------------------------------------------------------------------------- API
+class _FeatureCOGWriter(COGWriter):
+    """:class:`COGWriter` that can skip internal overviews.
+
+    GDAL builds overviews of a pixel-interleaved COG with hundreds of bands (patch embeddings) extremely
+    slowly (measured: 40 s for a 192 x 192 x 384 float32 output, minutes for 400 x 400), and averaged
+    embeddings are of little use as a preview, so many-band outputs skip them by default.
+    """
+
+    def __init__(self, *args: Any, overviews: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._overviews = overviews
+
+    def overview_factors(self) -> list[int]:
+        return super().overview_factors() if self._overviews else []
+
+
 def _cog_blocksize(out_bands: int, dtype: np.dtype) -> int:
     bs = 512
     while bs > 128 and bs * bs * out_bands * dtype.itemsize > 32 * 2**20:
@@ -616,6 +643,7 @@ def predict_raster(
     block_size: int = 2048,
     read_threads: int = 1,
     threads: bool = True,
+    io_nice: int = 5,
     scheduler: Any = None,
     resume: bool = True,
     keep_parts: bool = False,
@@ -623,7 +651,8 @@ def predict_raster(
     compress: str = "deflate",
     blocksize: int | None = None,
     overview_resampling: str = "average",
-    gdal_cachemax_mb: int = 128,
+    overviews: bool | None = None,
+    gdal_cachemax_mb: int | None = None,
     tags: dict[str, Any] | None = None,
     stats: dict[str, Any] | None = None,
 ) -> Path:
@@ -653,6 +682,8 @@ def predict_raster(
         block_size: approximate block side in input pixels (unit of resume and of distribution).
         read_threads: threads reading windows (more help on fast GPUs / remote files).
         threads: overlap reading, model and writing in background threads (False: one thread, for debugging).
+        io_nice: on CPU, raise the nice value of the reader/writer threads by this much so that they use cores
+            the model leaves idle rather than slowing its threads down (0: off).
         scheduler: a ``dask.distributed.Client``: blocks become tasks on its workers (which must share the
             output folder's filesystem).
         resume: continue a previous run of the same job from ``<out>.parts/manifest.json``; False starts over.
@@ -660,7 +691,11 @@ def predict_raster(
         progress: show a progress bar.
         compress, blocksize, overview_resampling: COG options (``blocksize`` default: 512, smaller for many
             bands).
-        gdal_cachemax_mb: GDAL block cache for reading and writing.
+        overviews: build internal overviews (default: only for outputs of at most 16 bands; GDAL builds them
+            very slowly for hundreds of pixel-interleaved bands, e.g. patch embeddings).
+        gdal_cachemax_mb: GDAL block cache (MB) for writing (default: 32, or four COG tiles of all bands when
+            that is more). Small is enough (tiles are written whole) and keeps peak memory flat: measured peak
+            RSS 20000^2 / 5000^2 was 1.13 with 32 MB and 1.20 with 128 MB.
         tags: extra dataset metadata for the COG.
         stats: a dict to fill with run statistics (``seconds``, ``model_seconds``: time in model calls,
             ``windows_run``, ``blocks_run``, ``blocks_resumed``, ``finish_seconds``: building the final COG).
@@ -711,10 +746,14 @@ def predict_raster(
     band_tags = None
     all_tags = {"dinov3geo_model": type(model).__name__, "dinov3geo_window": window,
                 "dinov3geo_overlap": overlap, "dinov3geo_scale": scale, **(tags or {})}
-    writer = COGWriter(out, out_grid_final, model.out_bands, out_dtype, nodata=model.nodata,
-                       band_names=model.names(), tags=all_tags, band_tags=band_tags, blocksize=bs,
-                       compress=compress, overview_resampling=overview_resampling,
-                       gdal_cachemax_mb=gdal_cachemax_mb)
+    if overviews is None:
+        overviews = model.out_bands <= 16
+    if gdal_cachemax_mb is None:
+        gdal_cachemax_mb = max(32, math.ceil(4 * bs * bs * model.out_bands * out_dtype.itemsize / 2**20))
+    writer = _FeatureCOGWriter(out, out_grid_final, model.out_bands, out_dtype, nodata=model.nodata,
+                               band_names=model.names(), tags=all_tags, band_tags=band_tags, blocksize=bs,
+                               compress=compress, overview_resampling=overview_resampling,
+                               gdal_cachemax_mb=gdal_cachemax_mb, overviews=overviews)
     blocks = layout.blocks()
     done_blocks = [b for b in blocks if manifest.is_done(b)]
     todo = [b for b in blocks if not manifest.is_done(b)]
@@ -730,7 +769,8 @@ def predict_raster(
                 _run_dask(cfg, model, tiles, manifest, todo, done_blocks, bar, scheduler)
             elif threads:
                 model.to(dev).eval()
-                pipe = _Pipeline(cfg, model, tiles, manifest, todo, done_blocks, bar, queue_batches=3)
+                pipe = _Pipeline(cfg, model, tiles, manifest, todo, done_blocks, bar, queue_batches=3,
+                                 io_nice=io_nice if dev.type == "cpu" else 0)
                 pipe.run()
                 st.update(model_seconds=pipe.model_seconds, windows_run=pipe.model_windows)
             else:

@@ -284,11 +284,20 @@ class SceneReader:
         valid = np.zeros((h, w), dtype=bool)
         cw = clip_window(window, g.height, g.width)
         if cw.inner is not None:
-            inner_valid = np.ones((cw.inner.height, cw.inner.width), dtype=bool)
+            ih, iw = int(cw.inner.height), int(cw.inner.width)
+            inner_valid = np.ones((ih, iw), dtype=bool)
+            inner = data[:, cw.rows, cw.cols]  # a view
             for ds, fidx, oidx, _raw in self._groups:
-                arr, ok = _read_group(ds, fidx, cw.inner, sc.nodata)
-                inner_valid &= ok
-                data[oidx, cw.rows, cw.cols] = arr
+                # a file on the grid's lattice may cover only part of the grid: read what it has
+                fw = clip_window(cw.inner, ds.height, ds.width)
+                if fw.inner is None:
+                    inner_valid[:] = False
+                    continue
+                arr, ok = _read_group(ds, fidx, fw.inner, sc.nodata)
+                covered = np.zeros((ih, iw), dtype=bool)
+                covered[fw.rows, fw.cols] = ok
+                inner_valid &= covered
+                inner[oidx, fw.rows, fw.cols] = arr
             valid[cw.rows, cw.cols] = inner_valid
             if fill is not None:
                 sub = data[:, cw.rows, cw.cols]

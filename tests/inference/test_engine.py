@@ -88,6 +88,7 @@ def test_cog_keeps_crs_transform_nodata_and_band_names(tmp_path: Path) -> None:
         assert math.isnan(ds.nodata)
         assert ds.descriptions == ("mean3_1", "mean3_2", "mean3_3")
         assert ds.tags()["dinov3geo_window"] == "64"
+        assert ds.overviews(1) == [2]  # 210 px > one 128 px COG tile
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.tif"]  # no parts or staging leftovers
 
 

@@ -268,3 +268,20 @@ def test_naip_dates_differ_in_grid_and_align_on_request(shared_data):
         raw = ds.read(1)
     np.testing.assert_array_equal(chip.data[0, :700, :900], raw[:700, :900])
     assert not chip.valid[723:].any()  # the 2020 raster has one row fewer: the last row is outside
+
+
+def test_file_covering_part_of_a_larger_grid(make_raster):
+    """A file on the grid's lattice but smaller than the grid: only its footprint is valid (no crash)."""
+    from dinov3geo.io import GridSpec
+
+    p = make_raster("small.tif", np.full((1, 50, 40), 7, np.uint16))
+    sc = open_scene(p)
+    big = GridSpec(sc.grid.crs, sc.grid.transform, 200, 120)
+    chip = sc.with_grid(big).read(Window(30, 0, 64, 64))
+    assert chip.valid.sum() == 10 * 50 and (chip.data[0][chip.valid] == 7).all()
+    assert (chip.data[0][~chip.valid] == 0).all()
+    assert not sc.with_grid(big).read(Window(96, 0, 64, 64)).valid.any()
+    # reprojected onto a grid with another origin: outside the footprint is invalid too
+    shifted = GridSpec.from_bounds(*(np.array(sc.grid.bounds) + [-300, -300, 300, 300]), res=10, crs=sc.grid.crs)
+    c2 = sc.with_grid(shifted).read()
+    assert c2.valid.sum() == 50 * 40

@@ -141,6 +141,8 @@ class SSLMetaArch(nn.Module):
                     self.gram_teacher["backbone"].load_state_dict(gt.state_dict())
                     self.gram_teacher_initialized = True
 
+    _ema_lists: tuple[list[Tensor], list[Tensor]] | None = None
+
     @property
     def model_ema(self) -> nn.ModuleDict:
         """The EMA copy of the student: the teacher, or (distillation) the student EMA that gets saved."""
@@ -302,10 +304,11 @@ class SSLMetaArch(nn.Module):
     @torch.no_grad()
     def update_ema(self, m: float) -> None:
         """``teacher = m * teacher + (1 - m) * student`` over backbone and both heads."""
-        s = [p for k in self.student for p in self.student[k].parameters()]
-        t = [p for k in self.student for p in self.model_ema[k].parameters()]
-        torch._foreach_mul_(t, m)
-        torch._foreach_add_(t, s, alpha=1 - m)
+        if self._ema_lists is None:
+            self._ema_lists = ([p for k in self.student for p in self.student[k].parameters()],
+                               [p for k in self.student for p in self.model_ema[k].parameters()])
+        s, t = self._ema_lists
+        torch._foreach_lerp_(t, s, 1.0 - m)  # t + (1 - m) * (s - t) = m * t + (1 - m) * s, one pass
 
     @torch.no_grad()
     def gram_load_ema_teacher(self) -> None:

@@ -21,7 +21,12 @@ from dinov3geo.ssl.config import SSLConfig
 from dinov3geo.ssl.data import batch_to
 from dinov3geo.ssl.health import feature_health
 from dinov3geo.ssl.meta_arch import SSLMetaArch
-from dinov3geo.ssl.param_groups import apply_optim_scheduler, build_optimizer, clip_grad_norm_per_module
+from dinov3geo.ssl.param_groups import (
+    apply_optim_scheduler,
+    build_optimizer,
+    clip_grad_norm_per_module,
+    get_params_groups,
+)
 from dinov3geo.ssl.schedules import Schedules, ScheduleSpec, build_schedules
 
 log = logging.getLogger("dinov3geo.ssl")
@@ -83,11 +88,14 @@ class SSLModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        return build_optimizer(
-            dict(self.model.student.items()), lr=0.0, weight_decay=0.0, betas=(o.adamw_beta1, o.adamw_beta2),
-            layerwise_decay=o.layerwise_decay, patch_embed_lr_mult=o.patch_embed_lr_mult,
-            dino_head_wd_multiplier=o.dino_head_wd_multiplier,
+        groups = get_params_groups(
+            dict(self.model.student.items()), layerwise_decay=o.layerwise_decay,
+            patch_embed_lr_mult=o.patch_embed_lr_mult, dino_head_wd_multiplier=o.dino_head_wd_multiplier,
+            foreach=None,
         )
+        groups = [g for g in groups if any(p.requires_grad for p in g["params"])]
+        # the fused AdamW kernel (CPU and CUDA) instead of per-tensor or foreach updates
+        return build_optimizer(groups, lr=0.0, weight_decay=0.0, betas=(o.adamw_beta1, o.adamw_beta2), fused=True)
 
     # ------------------------------------------------------------------ step
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

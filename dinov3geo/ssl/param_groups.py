@@ -230,6 +230,7 @@ def build_optimizer(
     fuse: bool = True,
     foreach: bool | None = True,
     eps: float = 1e-8,
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over the DINOv3 parameter groups (official ``build_optimizer``: ``AdamW(groups, betas)``).
 
@@ -248,7 +249,7 @@ def build_optimizer(
         )
     else:
         groups = list(model_parts)
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused)
     return optimizer
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinov3geo.ssl import distributed
+from dinov3geo.ssl.losses.sinkhorn import sinkhorn_knopp
 
 __all__ = ["DINOLoss"]
 
@@ -70,31 +71,8 @@ class DINOLoss(nn.Module):
             Sums over prototypes and the global normaliser are all-reduced over the process subgroup when
             ``torch.distributed`` is initialised.
         """
-        teacher_output = teacher_output.float()
-        group = distributed.get_process_subgroup()
-        world_size = distributed.get_subgroup_size()
-        q = torch.exp(teacher_output / teacher_temp).t()  # K x B_local
-        b = q.shape[1] * world_size  # number of samples to assign
-        k = q.shape[0]  # number of prototypes
-
-        # make the matrix sum to 1
-        sum_q = torch.sum(q)
-        distributed.all_reduce(sum_q, group=group)
-        q /= sum_q
-
-        for _ in range(n_iterations):
-            # normalise each row: total weight per prototype must be 1/K
-            sum_of_rows = torch.sum(q, dim=1, keepdim=True)
-            distributed.all_reduce(sum_of_rows, group=group)
-            q /= sum_of_rows
-            q /= k
-
-            # normalise each column: total weight per sample must be 1/B
-            q /= torch.sum(q, dim=0, keepdim=True)
-            q /= b
-
-        q *= b  # the columns must sum to 1 so that Q is an assignment
-        return q.t()
+        b = teacher_output.shape[0] * distributed.get_subgroup_size()  # number of samples to assign
+        return sinkhorn_knopp(teacher_output, teacher_temp, b, n_iterations)
 
     def forward(
         self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, ignore_diagonal: bool = False

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinov3geo.ssl import distributed
+from dinov3geo.ssl.losses.sinkhorn import sinkhorn_knopp
 
 __all__ = ["SinkhornKnoppTeacher", "iBOTPatchLoss", "lossfunc"]
 
@@ -47,31 +48,10 @@ class SinkhornKnoppTeacher(nn.Module):
             n_iterations: Number of row/column normalisation rounds.
         """
         teacher_output = teacher_output.float()
-        group = distributed.get_process_subgroup()
-        q = torch.exp(teacher_output / teacher_temp).t()  # K x n_masked_local
         # Official code all-reduces the caller's tensor in place; reduce a copy instead.
-        b = torch.as_tensor(n_masked_patches_tensor, device=q.device).clone()
-        distributed.all_reduce(b, group=group)
-        k = q.shape[0]  # number of prototypes
-
-        # make the matrix sum to 1
-        sum_q = torch.sum(q)
-        distributed.all_reduce(sum_q, group=group)
-        q /= sum_q
-
-        for _ in range(n_iterations):
-            # normalise each row: total weight per prototype must be 1/K
-            sum_of_rows = torch.sum(q, dim=1, keepdim=True)
-            distributed.all_reduce(sum_of_rows, group=group)
-            q /= sum_of_rows
-            q /= k
-
-            # normalise each column: total weight per sample must be 1/B
-            q /= torch.sum(q, dim=0, keepdim=True)
-            q /= b
-
-        q *= b  # the columns must sum to 1 so that Q is an assignment
-        return q.t()
+        b = torch.as_tensor(n_masked_patches_tensor, device=teacher_output.device).clone()
+        distributed.all_reduce(b, group=distributed.get_process_subgroup())
+        return sinkhorn_knopp(teacher_output, teacher_temp, b, n_iterations)
 
 
 class iBOTPatchLoss(nn.Module):  # noqa: N801 - official name

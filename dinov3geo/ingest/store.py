@@ -3,7 +3,8 @@
 Layout (all arrays share the ``tile`` dimension; xarray opens it with ``xr.open_zarr(path)``)::
 
     tiles          (tile, band, y, x)  scene dtype, one chunk per tile; invalid pixels are 0
-    valid          (tile, y, x)        bool, True where every band is valid (not nodata/NaN/outside)
+    valid          (tile, y, x)        bool, True where every band is valid (not nodata/NaN/outside);
+                                       fill value True, so all-valid tiles store no mask chunk
     scene_id       (tile,)             str
     datetime       (tile,)             datetime64[ns], NaT when unknown
     crs            (tile,)             str ("EPSG:xxxx" or WKT)
@@ -71,7 +72,9 @@ class TileStore:
             dimension_names=["tile", "band", "y", "x"],
             attributes={"coordinates": "scene_id datetime crs transform bounds valid_fraction row_off col_off"},
         )
-        g.create_array("valid", shape=(0, t, t), chunks=(1, t, t), dtype=bool, fill_value=False,
+        # fill True: the mask chunk of an entirely valid tile equals the fill value and is never written
+        # (Zarr skips empty chunks), which saves one chunk file per tile for most tiles
+        g.create_array("valid", shape=(0, t, t), chunks=(1, t, t), dtype=bool, fill_value=True,
                        dimension_names=["tile", "y", "x"])
         meta_chunk = 4096
         g.create_array("scene_id", shape=(0,), chunks=(meta_chunk,), dtype=str, dimension_names=["tile"])

@@ -300,8 +300,7 @@ class SceneReader:
                 inner[oidx, fw.rows, fw.cols] = arr
             valid[cw.rows, cw.cols] = inner_valid
             if fill is not None:
-                sub = data[:, cw.rows, cw.cols]
-                sub[:, ~inner_valid] = fill
+                inner[:, ~inner_valid] = fill
         return Chip(data, valid, g.window_grid(window), sc.band_names)
 
 

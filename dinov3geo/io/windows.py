@@ -10,7 +10,6 @@ inference). Rasters smaller than a window get one padded window: small areas are
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -96,9 +95,3 @@ def clip_window(window: Window, height: int, width: int) -> ClippedWindow:
         slice(ir0 - r0, ir1 - r0),
         slice(ic0 - c0, ic1 - c0),
     )
-
-
-def iter_strips(height: int, strip_rows: int) -> Iterator[tuple[int, int]]:
-    """(row_start, row_stop) pairs splitting ``height`` rows into strips of ``strip_rows``."""
-    for r in range(0, height, strip_rows):
-        yield r, min(r + strip_rows, height)

@@ -84,7 +84,6 @@ class SSLTileDataset(Dataset):
                  seed: int = 0) -> None:
         self.tiles = tiles
         self.augmentations = augmentation if isinstance(augmentation, list) else [augmentation]
-        self.augmentation = self.augmentations[0]
         self.seed = seed
 
     def __len__(self) -> int:

@@ -14,11 +14,9 @@ import numpy as np
 import pytest
 import rasterio
 import xarray as xr
-import zarr
 from rasterio.transform import from_origin
 
 from dinov3geo.ingest import TileStore, ingest
-from dinov3geo.ingest import ingest as ingest_mod
 from dinov3geo.io import OutputError, open_scene
 from dinov3geo.io.windows import tile_windows
 
@@ -243,8 +241,3 @@ def test_reprojected_ingest_and_mixed_crs(shared_data, tmp_path):
     assert set(ts.group["crs"][: ts.n_tiles]) == {"EPSG:32631"}
     tr = ts.group["transform"][0]
     assert tr[0] == pytest.approx(10.0) and tr[4] == pytest.approx(-10.0)
-
-
-def test_public_api_names():
-    assert ingest_mod is ingest  # re-exported function
-    assert isinstance(zarr.__version__, str) and int(zarr.__version__.split(".")[0]) >= 3

@@ -1,0 +1,1 @@
+"""Land-use change and deforestation detection between dates (see the submodules)."""

@@ -156,7 +156,7 @@ class _MosaicReader(WindowReader):
         return data, valid
 
     def close(self) -> None:
-        for r in self._readers.values():
+        for r in reversed(list(self._readers.values())):  # newest first (nested GDAL environments)
             r.close()
         self._readers = {}
 
@@ -232,7 +232,8 @@ class _StackReader(WindowReader):
         return np.concatenate(datas), valid
 
     def close(self) -> None:
-        for r in self._readers:
+        # newest first: each reader may hold a GDAL environment entered after the previous one's
+        for r in reversed(self._readers):
             r.close()
 
 

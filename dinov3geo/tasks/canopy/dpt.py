@@ -1,0 +1,285 @@
+"""DPT head with the module tree (hence ``state_dict`` keys and shapes) of Meta's released CHMv2 head.
+
+Written from the description in ``shared/reference/chmv2-spec.md`` sections 5 and 8 (not a copy of Meta's code).
+With the ViT-L defaults the state dict has 68 tensors and 33,747,200 parameters, key for key equal to
+``dinov3_vitl16_chmv2_dpt_head-3703d643.pth``.
+
+Data flow for features ``[(patch_map_i [B, D, h, w], cls_i [B, D])]`` of 4 backbone levels (``h, w`` = patch grid):
+
+1. readout: ``project`` (``GELU(Linear(2D -> D)(concat(patch, cls)))`` per token), ``add`` (patch + cls) or
+   ``ignore`` (cls unused);
+2. ``projects.i``: 1x1 conv ``D -> C_i``; ``resize_layers.i``: factor 4 / 2 (transposed conv, kernel = stride),
+   1 (identity), 0.5 (3x3 conv, stride 2, padding 1), giving ``4h, 2h, h, ceil(h/2)``;
+3. ``convs.i``: 3x3 conv ``C_i -> channels`` without bias;
+4. fusion deepest first: ``out = fusion_blocks[0](x3)``, then ``out = fusion_blocks[k](out, x[3-k])``. A fusion
+   block resizes the skip to ``out`` (bilinear, ``align_corners=False``) when sizes differ, adds
+   ``RCU1(skip)``, applies ``RCU2``, upsamples x2 (bilinear, ``align_corners=True``) and a 1x1 conv.
+   RCU = ``x + conv(relu(conv(relu(x))))`` with biased 3x3 convs;
+5. ``conv_depth``: 3x3 conv ``channels -> channels/2``, bilinear x2 (``align_corners=True``), 3x3 conv
+   ``-> n_hidden_channels``, ReLU, 1x1 conv ``-> n_bins`` (raw logits, no activation).
+
+Output side: ``16 * ceil(h / 2) * 2`` = ``32 * ceil(h / 2)`` pixels (= ``16 h`` when the grid is even).
+Batch norm (Meta's ``use_batchnorm``) is not supported: CHMv2 does not use it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["READOUTS", "DPTHead", "dpt_config_from_state_dict"]
+
+READOUTS = ("project", "add", "ignore")
+DEFAULT_FACTORS = (4.0, 2.0, 1.0, 0.5)
+
+Features = Sequence[tuple[Tensor, Tensor] | Tensor]
+
+
+class _Conv(nn.Module):
+    """A conv under the attribute name ``conv`` (key layout ``<name>.conv.weight``)."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x)
+
+
+class ResidualConvUnit(nn.Module):
+    """Pre-activation residual unit ``x + conv2(relu(conv1(relu(x))))`` (3x3 convs with bias)."""
+
+    def __init__(self, channels: int, device: Any = None) -> None:
+        super().__init__()
+        self.conv1 = _Conv(nn.Conv2d(channels, channels, 3, padding=1, bias=True, device=device))
+        self.conv2 = _Conv(nn.Conv2d(channels, channels, 3, padding=1, bias=True, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class FusionBlock(nn.Module):
+    """DPT feature fusion: ``project(up2(RCU2(x + RCU1(resize(skip)))))``; the first block has no skip unit."""
+
+    def __init__(self, channels: int, with_skip: bool, device: Any = None) -> None:
+        super().__init__()
+        self.project = _Conv(nn.Conv2d(channels, channels, 1, bias=True, device=device))
+        self.res_conv_unit1 = ResidualConvUnit(channels, device) if with_skip else None
+        self.res_conv_unit2 = ResidualConvUnit(channels, device)
+
+    def forward(self, x: Tensor, skip: Tensor | None = None) -> Tensor:
+        if skip is not None:
+            if self.res_conv_unit1 is None:
+                raise ValueError("the first fusion block takes no skip input")
+            if skip.shape[-2:] != x.shape[-2:]:
+                skip = F.interpolate(skip, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            x = x + self.res_conv_unit1(skip)
+        x = self.res_conv_unit2(x)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        return self.project(x)
+
+
+class ReassembleBlocks(nn.Module):
+    """Readout, 1x1 projections and resizing of each level (keys ``reassemble_blocks.*``)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        post_process_channels: Sequence[int],
+        readout: str,
+        factors: Sequence[float],
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        self.readout = readout
+        self.projects = nn.ModuleList(
+            _Conv(nn.Conv2d(in_channels, c, 1, bias=True, device=device)) for c in post_process_channels
+        )
+        resize: list[nn.Module] = []
+        for c, f in zip(post_process_channels, factors, strict=True):
+            if f > 1:
+                k = int(f)
+                resize.append(nn.ConvTranspose2d(c, c, k, stride=k, device=device))
+            elif f == 1:
+                resize.append(nn.Identity())
+            else:
+                resize.append(nn.Conv2d(c, c, 3, stride=round(1 / f), padding=1, device=device))
+        self.resize_layers = nn.ModuleList(resize)
+        if readout == "project":
+            self.readout_projects = nn.ModuleList(
+                nn.Sequential(nn.Linear(2 * in_channels, in_channels, device=device), nn.GELU())
+                for _ in post_process_channels
+            )
+        else:
+            self.readout_projects = None
+
+    def forward(self, features: Features) -> list[Tensor]:
+        out = []
+        for i, item in enumerate(features):
+            if isinstance(item, (tuple, list)):
+                x, cls = item[0], item[1]
+            else:
+                x, cls = item, None
+            if self.readout != "ignore":
+                if cls is None:
+                    raise ValueError(f"readout {self.readout!r} needs (patch_map, cls) tuples for every level")
+                B, D, h, w = x.shape
+                if self.readout == "project":
+                    tokens = x.flatten(2).transpose(1, 2)
+                    tokens = torch.cat([tokens, cls[:, None, :].expand_as(tokens)], dim=-1)
+                    tokens = self.readout_projects[i](tokens)  # type: ignore[index]
+                    x = tokens.transpose(1, 2).reshape(B, D, h, w)
+                else:
+                    x = x + cls[:, :, None, None]
+            x = self.projects[i](x)
+            out.append(self.resize_layers[i](x))
+        return out
+
+
+class UpConvHead(nn.Module):
+    """``conv_depth``: conv3x3 -> bilinear x2 -> conv3x3 -> ReLU -> conv1x1 to the output channels."""
+
+    def __init__(self, channels: int, n_hidden_channels: int, n_outputs: int, device: Any = None) -> None:
+        super().__init__()
+        self.head = nn.Sequential(
+            nn.Conv2d(channels, channels // 2, 3, padding=1, device=device),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+            nn.Conv2d(channels // 2, n_hidden_channels, 3, padding=1, device=device),
+            nn.ReLU(),
+            nn.Conv2d(n_hidden_channels, n_outputs, 1, device=device),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(x)
+
+
+class DPTHead(nn.Module):
+    """Meta's DPT depth head as used by CHMv2 (see the module docstring for the data flow).
+
+    Args:
+        in_channels: backbone width ``D`` (1024 for ViT-L).
+        post_process_channels: per-level channels ``C_i`` after the 1x1 projections.
+        channels: fusion width.
+        n_hidden_channels: hidden width of ``conv_depth``.
+        n_bins: output channels (bin logits, or 1 for direct regression).
+        readout: ``"project"`` / ``"add"`` / ``"ignore"``; default from ``use_cls_token`` (project / ignore),
+            as in Meta's ``build_depther``.
+        use_cls_token: see ``readout``.
+        factors: per-level resize factors (Meta: 4, 2, 1, 0.5).
+        device: where to allocate (``"meta"`` for shape-only heads).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1024,
+        post_process_channels: Sequence[int] = (128, 256, 512, 1024),
+        channels: int = 256,
+        n_hidden_channels: int = 128,
+        n_bins: int = 256,
+        readout: str | None = None,
+        use_cls_token: bool = True,
+        factors: Sequence[float] = DEFAULT_FACTORS,
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        if readout is None:
+            readout = "project" if use_cls_token else "ignore"
+        if readout not in READOUTS:
+            raise ValueError(f"unknown readout {readout!r}; choose one of {READOUTS}")
+        if len(post_process_channels) != len(factors):
+            raise ValueError(
+                f"{len(post_process_channels)} post_process_channels but {len(factors)} resize factors"
+            )
+        self.in_channels = int(in_channels)
+        self.post_process_channels = [int(c) for c in post_process_channels]
+        self.channels = int(channels)
+        self.n_hidden_channels = int(n_hidden_channels)
+        self.n_bins = int(n_bins)
+        self.readout = readout
+        self.factors = [float(f) for f in factors]
+        self.reassemble_blocks = ReassembleBlocks(
+            self.in_channels, self.post_process_channels, readout, self.factors, device
+        )
+        self.convs = nn.ModuleList(
+            _Conv(nn.Conv2d(c, self.channels, 3, padding=1, bias=False, device=device))
+            for c in self.post_process_channels
+        )
+        self.fusion_blocks = nn.ModuleList(
+            FusionBlock(self.channels, with_skip=i > 0, device=device)
+            for i in range(len(self.post_process_channels))
+        )
+        self.conv_depth = UpConvHead(self.channels, self.n_hidden_channels, self.n_bins, device)
+
+    @property
+    def use_cls_token(self) -> bool:
+        """Whether the head reads the class token (readout other than ``ignore``)."""
+        return self.readout != "ignore"
+
+    @property
+    def n_levels(self) -> int:
+        """Number of backbone levels the head takes."""
+        return len(self.post_process_channels)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (primitive types), for checkpoints."""
+        return {
+            "in_channels": self.in_channels,
+            "post_process_channels": list(self.post_process_channels),
+            "channels": self.channels,
+            "n_hidden_channels": self.n_hidden_channels,
+            "n_bins": self.n_bins,
+            "readout": self.readout,
+            "factors": list(self.factors),
+        }
+
+    @staticmethod
+    def output_size(h: int, w: int) -> tuple[int, int]:
+        """Output side (pixels) for a ``h x w`` patch grid: ``32 * ceil(h / 2)`` (factors 4, 2, 1, 0.5)."""
+        return 32 * -(-h // 2), 32 * -(-w // 2)
+
+    def forward(self, features: Features) -> Tensor:
+        """Logits ``[B, n_bins, 32 ceil(h/2), 32 ceil(w/2)]`` from one ``(patch_map, cls)`` per level."""
+        if len(features) != self.n_levels:
+            raise ValueError(f"the head takes {self.n_levels} feature levels, got {len(features)}")
+        xs = self.reassemble_blocks(features)
+        xs = [conv(x) for conv, x in zip(self.convs, xs, strict=True)]
+        out = self.fusion_blocks[0](xs[-1])
+        for k in range(1, self.n_levels):
+            out = self.fusion_blocks[k](out, xs[-1 - k])
+        return self.conv_depth(out)
+
+
+def dpt_config_from_state_dict(sd: Mapping[str, Tensor], what: str = "the head state dict") -> dict[str, Any]:
+    """:class:`DPTHead` arguments read from a head state dict's tensor shapes (Meta key layout, no prefix).
+
+    ``in_channels`` / ``post_process_channels`` from ``reassemble_blocks.projects.i.conv.weight``, ``channels``
+    from ``convs.0``, ``n_hidden_channels`` / ``n_bins`` from ``conv_depth.head.{2,4}``, readout ``project``
+    when ``readout_projects`` weights exist (else ``ignore``). Raises ``KeyError`` naming a missing key.
+    """
+    levels = sorted(
+        {int(m.group(1)) for k in sd if (m := re.match(r"reassemble_blocks\.projects\.(\d+)\.conv\.weight$", k))}
+    )
+    needed = ["reassemble_blocks.projects.0.conv.weight", "convs.0.conv.weight",
+              "conv_depth.head.2.weight", "conv_depth.head.4.weight"]
+    missing = [k for k in needed if k not in sd]
+    if missing or not levels:
+        raise KeyError(f"{what} is not a DPT head state dict: missing {missing or needed[:1]}")
+    if levels != list(range(len(levels))):
+        raise KeyError(f"{what}: projection levels {levels} are not 0..{len(levels) - 1}")
+    ppc = [int(sd[f"reassemble_blocks.projects.{i}.conv.weight"].shape[0]) for i in levels]
+    cfg: dict[str, Any] = {
+        "in_channels": int(sd["reassemble_blocks.projects.0.conv.weight"].shape[1]),
+        "post_process_channels": ppc,
+        "channels": int(sd["convs.0.conv.weight"].shape[0]),
+        "n_hidden_channels": int(sd["conv_depth.head.2.weight"].shape[0]),
+        "n_bins": int(sd["conv_depth.head.4.weight"].shape[0]),
+        "readout": "project" if "reassemble_blocks.readout_projects.0.0.weight" in sd else "ignore",
+    }
+    if len(ppc) != len(DEFAULT_FACTORS):
+        raise KeyError(f"{what} has {len(ppc)} levels; only 4-level heads (factors 4, 2, 1, 0.5) are supported")
+    return cfg

@@ -1,0 +1,166 @@
+"""Canopy-height heads trained by us on frozen DINOv3 features.
+
+Two kinds, both taking the backbone's tapped levels as ``[(patch_map [B, D, h, w], cls [B, D]), ...]``:
+
+* ``"light"`` (:class:`LightHead`): the last ``n_levels`` patch maps concatenated, a 1x1 projection, then
+  ``log2(patch_size)`` *learned* x2 upsampling stages (transposed conv + 3x3 conv) up to input resolution
+  ``(16 h, 16 w)`` and a 1x1 output conv. Output: direct regression (metres, ``softplus * height_scale``) or
+  bin logits (read with :class:`~dinov3geo.tasks.canopy.bins.HeightBins`). About 0.1-0.5 M parameters.
+* ``"dpt"`` (:class:`~dinov3geo.tasks.canopy.dpt.DPTHead`): Meta's CHMv2 head, always binned (linear, log or
+  chmv2_mixlog bins); output side ``32 * ceil(h / 2)``.
+
+:func:`build_head` / :func:`head_kind` / :func:`head_config` make heads round-trip through checkpoints.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dinov3geo.tasks.canopy.dpt import DPTHead
+
+__all__ = ["HEAD_KINDS", "LightHead", "build_head", "head_config", "head_kind"]
+
+OUTPUTS = ("regression", "bins")
+
+
+class _UpStage(nn.Module):
+    """Learned x2 upsampling: ``GELU(conv3x3(GELU(GroupNorm(convT2x2(x)))))``."""
+
+    def __init__(self, c_in: int, c_out: int, device: Any = None) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(c_in, c_out, 2, stride=2, device=device)
+        self.norm = nn.GroupNorm(_groups(c_out), c_out, device=device)
+        self.conv = nn.Conv2d(c_out, c_out, 3, padding=1, device=device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(self.conv(F.gelu(self.norm(self.up(x)))))
+
+
+def _groups(c: int) -> int:
+    for g in (8, 4, 2):
+        if c % g == 0:
+            return g
+    return 1
+
+
+class LightHead(nn.Module):
+    """Patch-resolution head with learned upsampling to input resolution.
+
+    Args:
+        in_channels: backbone width ``D``.
+        n_levels: how many of the given feature levels to use (the last ``n_levels``; 1 = last layer only).
+        hidden: channels after the 1x1 projection; halved at each upsampling stage (not below ``min_channels``).
+        output: ``"regression"`` (1 channel, metres) or ``"bins"`` (``n_bins`` logits).
+        n_bins: number of bin logits for ``output="bins"``.
+        patch_size: upsampling factor (a power of two; 16 for DINOv3).
+        height_scale: regression output is ``softplus(raw) * height_scale`` metres (keeps raw values ~1).
+        min_channels: floor of the stage widths.
+        device: where to allocate.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        n_levels: int = 4,
+        hidden: int = 128,
+        output: str = "regression",
+        n_bins: int = 64,
+        patch_size: int = 16,
+        height_scale: float = 10.0,
+        min_channels: int = 16,
+        device: Any = None,
+    ) -> None:
+        super().__init__()
+        if output not in OUTPUTS:
+            raise ValueError(f"unknown output {output!r}; choose one of {OUTPUTS}")
+        stages = math.log2(patch_size)
+        if patch_size < 1 or not stages.is_integer():
+            raise ValueError(f"patch_size must be a power of two, got {patch_size}")
+        if n_levels < 1:
+            raise ValueError(f"n_levels must be >= 1, got {n_levels}")
+        self.in_channels = int(in_channels)
+        self.n_levels = int(n_levels)
+        self.hidden = int(hidden)
+        self.output = output
+        self.n_bins = int(n_bins) if output == "bins" else 1
+        self.patch_size = int(patch_size)
+        self.height_scale = float(height_scale)
+        self.min_channels = int(min_channels)
+        self.project = nn.Sequential(
+            nn.Conv2d(self.in_channels * self.n_levels, self.hidden, 1, device=device),
+            nn.GroupNorm(_groups(self.hidden), self.hidden, device=device),
+            nn.GELU(),
+        )
+        ups = []
+        c = self.hidden
+        for _ in range(int(stages)):
+            c_out = max(c // 2, self.min_channels)
+            ups.append(_UpStage(c, c_out, device))
+            c = c_out
+        self.upsample = nn.Sequential(*ups)
+        self.out = nn.Conv2d(c, self.n_bins, 1, device=device)
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (primitive types), for checkpoints."""
+        return {
+            "in_channels": self.in_channels,
+            "n_levels": self.n_levels,
+            "hidden": self.hidden,
+            "output": self.output,
+            "n_bins": self.n_bins,
+            "patch_size": self.patch_size,
+            "height_scale": self.height_scale,
+            "min_channels": self.min_channels,
+        }
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        """Output side for an ``h x w`` patch grid: ``(patch h, patch w)``."""
+        return self.patch_size * h, self.patch_size * w
+
+    def forward(self, features: Sequence[tuple[Tensor, Tensor] | Tensor]) -> Tensor:
+        """``[B, 1, 16h, 16w]`` metres (regression) or ``[B, n_bins, 16h, 16w]`` logits."""
+        if len(features) < self.n_levels:
+            raise ValueError(f"the head takes {self.n_levels} feature levels, got {len(features)}")
+        maps = [f[0] if isinstance(f, (tuple, list)) else f for f in features[-self.n_levels :]]
+        x = self.out(self.upsample(self.project(maps[0] if len(maps) == 1 else torch.cat(maps, dim=1))))
+        if self.output == "regression":
+            x = F.softplus(x) * self.height_scale
+        return x
+
+
+HEAD_KINDS: dict[str, type[nn.Module]] = {"light": LightHead, "dpt": DPTHead}
+
+
+def head_kind(head: nn.Module) -> str:
+    """``"light"`` or ``"dpt"`` for a head instance."""
+    for name, cls in HEAD_KINDS.items():
+        if isinstance(head, cls):
+            return name
+    raise TypeError(f"unknown head type {type(head).__name__}; expected one of {sorted(HEAD_KINDS)}")
+
+
+def head_config(head: nn.Module) -> dict[str, Any]:
+    """``{"kind": ..., **constructor arguments}`` of a head."""
+    return {"kind": head_kind(head), **head.config()}  # type: ignore[operator]
+
+
+def build_head(kind: str, **config: Any) -> nn.Module:
+    """Build a head of ``kind`` (``"light"`` / ``"dpt"``) from its :func:`head_config` arguments.
+
+    Unknown arguments raise ``ValueError`` naming them.
+    """
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"unknown head kind {kind!r}; choose one of {sorted(HEAD_KINDS)}")
+    cls = HEAD_KINDS[kind]
+    params = set(inspect.signature(cls.__init__).parameters) - {"self", "device"}
+    bad = sorted(set(config) - params)
+    if bad:
+        raise ValueError(f"unknown {kind} head option(s) {bad}; known: {sorted(params)}")
+    return cls(**config)

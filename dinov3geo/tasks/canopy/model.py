@@ -1,0 +1,422 @@
+"""Canopy-height model = frozen DINOv3 backbone + head (+ height bins) + metadata; checkpoints; raster adapter.
+
+:class:`CanopyHeightModel` takes normalised images ``[B, C, H, W]`` of any size, centre-pads them (zeros, as
+Meta's ``CenterPadding``) to a multiple of 32 for the DPT head or of the patch size (16) for the light head so
+that the head's output grid equals the padded input pixel for pixel, and crops the padding back off: outputs
+are at input size and georeferenced like the input. :meth:`CanopyHeightModel.forward_features` /
+:meth:`CanopyHeightModel.forward_head` split the frozen backbone from the head so features can be cached.
+
+:func:`save_canopy_model` / :func:`load_canopy_model` write/read one ``torch.load(weights_only=True)`` file::
+
+    {"format": "dinov3geo.canopy", "version": 1,
+     "head": {"kind": "dpt" | "light", "config": {...}, "state_dict": {...}},
+     "bins": HeightBins config or None (direct regression),
+     "layers": [tapped 0-based blocks],
+     "backbone": {"arch": name or None, "config": BackboneConfig dict, "sha256": weights hash,
+                  "source": path or None, "state_dict": Meta-layout tensors or None},
+     "metadata": {"bands", "mean", "std", "value_scale", "gsd", "normalization", "notes"}}
+
+:class:`CanopyRasterModel` runs a model through :func:`dinov3geo.inference.predict_raster`, writing two float32
+bands ``height`` and ``height_std`` (metres; ``height_std`` is NaN for regression heads).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dinov3geo.inference.models import RasterModel, _Normalise
+from dinov3geo.models import (
+    SAT493M_CHMV2,
+    BackboneConfig,
+    CheckpointError,
+    DinoVisionTransformer,
+    load_backbone,
+    read_checkpoint,
+)
+from dinov3geo.models.padding import pad_to_patch_multiple
+from dinov3geo.tasks.canopy.bins import HeightBins
+from dinov3geo.tasks.canopy.chmv2 import CHMv2, crop_padding, default_layers
+from dinov3geo.tasks.canopy.dpt import DPTHead
+from dinov3geo.tasks.canopy.heads import build_head, head_config
+from dinov3geo.utils.atomic import atomic_path
+
+__all__ = [
+    "FORMAT",
+    "CanopyHeightModel",
+    "CanopyRasterModel",
+    "backbone_sha256",
+    "load_canopy_model",
+    "save_canopy_model",
+]
+
+FORMAT = "dinov3geo.canopy"
+VERSION = 1
+_META_KEYS = {"bands", "mean", "std", "value_scale", "gsd", "normalization", "notes"}
+
+
+class CanopyHeightModel(nn.Module):
+    """Frozen backbone + canopy head (+ :class:`HeightBins` for binned heads).
+
+    Args:
+        backbone: a :class:`~dinov3geo.models.DinoVisionTransformer`.
+        head: a :class:`~dinov3geo.tasks.canopy.heads.LightHead` or
+            :class:`~dinov3geo.tasks.canopy.dpt.DPTHead`.
+        bins: required when the head outputs bin logits (DPT head, light head with ``output="bins"``); must be
+            ``None`` for a regression head.
+        layers: tapped 0-based blocks (default: 4 evenly spaced, ending at the last block).
+        freeze_backbone: keep the backbone frozen (no gradients, always in eval mode).
+        metadata: free-form dict (bands, normalisation, GSD...), set by :func:`load_canopy_model`.
+    """
+
+    def __init__(
+        self,
+        backbone: DinoVisionTransformer,
+        head: nn.Module,
+        bins: HeightBins | None = None,
+        layers: Sequence[int] | None = None,
+        *,
+        freeze_backbone: bool = True,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.bins = bins
+        n_out = int(getattr(head, "n_bins", 1))
+        binned = isinstance(head, DPTHead) or getattr(head, "output", "bins") == "bins"
+        if binned and (bins is None or bins.n_bins != n_out):
+            raise ValueError(f"the head outputs {n_out} bin logits: give HeightBins(n_bins={n_out})")
+        if not binned and bins is not None:
+            raise ValueError("a regression head outputs metres directly: bins must be None")
+        if int(getattr(head, "in_channels", backbone.embed_dim)) != backbone.embed_dim:
+            raise ValueError(f"head takes {head.in_channels} channels, backbone gives {backbone.embed_dim}")
+        n_levels = int(getattr(head, "n_levels", 4))
+        self.layers = list(layers) if layers is not None else default_layers(len(backbone.blocks), n_levels)
+        if len(self.layers) < n_levels:
+            raise ValueError(f"the head takes {n_levels} levels but only layers {self.layers} are tapped")
+        self.patch_size = int(backbone.patch_size)
+        self.pad_multiple = 2 * self.patch_size if isinstance(head, DPTHead) else self.patch_size
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            backbone.requires_grad_(False)
+            backbone.eval()
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    @classmethod
+    def from_chmv2(cls, model: CHMv2) -> CanopyHeightModel:
+        """The same modules as a :class:`CanopyHeightModel` (pads to 32: CHMv2's ``output="aligned"``)."""
+        return cls(model.backbone, model.head, model.bins, model.layers, freeze_backbone=True)
+
+    def train(self, mode: bool = True) -> CanopyHeightModel:
+        """Set train mode on the head; a frozen backbone stays in eval mode."""
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the head's weights."""
+        return next(self.head.parameters()).dtype
+
+    def padded_size(self, hw: tuple[int, int]) -> tuple[int, int]:
+        """Size an ``hw`` input is centre-padded to."""
+        m = self.pad_multiple
+        return -(-hw[0] // m) * m, -(-hw[1] // m) * m
+
+    def forward_features(self, x: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Pad and run the backbone: one ``(patch_map [B, D, h, w], cls [B, D])`` per tapped layer."""
+        x = pad_to_patch_multiple(x.to(self.dtype), self.pad_multiple)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
+            out = self.backbone.get_intermediate_layers(
+                x, n=self.layers, reshape=True, return_class_token=True, norm=True
+            )
+        return [(p, c) for p, c in out]
+
+    def forward_head(
+        self, features: Sequence[tuple[Tensor, Tensor]], out_hw: tuple[int, int], return_logits: bool = False
+    ) -> dict[str, Tensor | None]:
+        """Head on (cached) features of an ``out_hw`` input: ``height``/``std`` ``[B, 1, H, W]`` at input size.
+
+        ``std`` is ``None`` for regression heads; ``logits`` (cropped, ``[B, n_bins, H, W]``) only with
+        ``return_logits``.
+        """
+        out_hw = (int(out_hw[0]), int(out_hw[1]))
+        padded = self.padded_size(out_hw)
+        grid = tuple(features[0][0].shape[-2:])
+        if (grid[0] * self.patch_size, grid[1] * self.patch_size) != padded:
+            raise ValueError(
+                f"features of a {grid[0]}x{grid[1]} patch grid do not belong to a {out_hw[0]}x{out_hw[1]} input "
+                f"(padded to {padded[0]}x{padded[1]})"
+            )
+        y = self.head(features)
+        if tuple(y.shape[-2:]) != padded:  # never for the built-in heads; keeps custom heads usable
+            y = F.interpolate(y, size=padded, mode="bilinear", align_corners=False)
+        y = crop_padding(y, out_hw, self.pad_multiple)
+        if self.bins is None:
+            return {"height": y, "std": None, "logits": None}
+        height, std = self.bins.mean_and_std(y)
+        return {"height": height, "std": std, "logits": y if return_logits else None}
+
+    def forward(self, x: Tensor, return_logits: bool = False) -> dict[str, Tensor | None]:
+        """``dict(height=[B,1,H,W] metres, std=[B,1,H,W] or None, logits=None or [B,N,H,W])`` at input size."""
+        if x.ndim != 4:
+            raise ValueError(f"expected images [B, C, H, W], got {tuple(x.shape)}")
+        return self.forward_head(self.forward_features(x), (x.shape[-2], x.shape[-1]), return_logits)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def backbone_sha256(backbone: nn.Module) -> str:
+    """SHA-256 of a backbone's weights: key names, dtypes, shapes and bytes in key order (file-format independent)."""
+    h = hashlib.sha256()
+    for k, v in sorted(backbone.state_dict().items()):
+        t = v.detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _check_metadata(meta: Mapping[str, Any], what: str) -> dict[str, Any]:
+    bad = sorted(set(meta) - _META_KEYS)
+    if bad:
+        raise ValueError(f"{what}: unknown metadata key(s) {bad}; known: {sorted(_META_KEYS)}")
+    out = dict(meta)
+    bands = out.get("bands")
+    if bands is not None:
+        out["bands"] = [str(b) for b in bands]
+    for key in ("mean", "std"):
+        if out.get(key) is not None:
+            out[key] = [float(v) for v in out[key]]
+            if bands is not None and len(out[key]) != len(bands):
+                raise ValueError(f"{what}: {key} has {len(out[key])} values but there are {len(bands)} bands {bands}")
+    if out.get("std") is not None and any(not v > 0 for v in out["std"]):
+        raise ValueError(f"{what}: std must be positive, got {out['std']}")
+    vs = float(out.get("value_scale", 1.0))
+    if not (vs > 0 and math.isfinite(vs)):
+        raise ValueError(f"{what}: value_scale must be positive, got {vs}")
+    out["value_scale"] = vs
+    if out.get("gsd") is not None:
+        out["gsd"] = float(out["gsd"])
+        if not out["gsd"] > 0:
+            raise ValueError(f"{what}: gsd (metres) must be positive, got {out['gsd']}")
+    return out
+
+
+def save_canopy_model(
+    path: str | os.PathLike[str],
+    model: CanopyHeightModel | CHMv2,
+    *,
+    bands: Sequence[str],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    value_scale: float = 1.0,
+    gsd: float | None = None,
+    normalization: str | None = None,
+    backbone_source: str | os.PathLike[str] | None = None,
+    include_backbone: bool = True,
+    notes: str | None = None,
+) -> Path:
+    """Write a canopy model checkpoint (atomically). See the module docstring for the layout.
+
+    Args:
+        path: output file.
+        model: the model (a :class:`CHMv2` is stored as its :class:`CanopyHeightModel` form).
+        bands: input band names in channel order (must match the backbone's input channels).
+        mean, std: per-band normalisation after ``value_scale`` (``(x * value_scale - mean) / std``).
+        value_scale: factor taking raw raster values to the range ``mean``/``std`` refer to (1/255 for uint8).
+        gsd: ground sample distance (metres) of the imagery the head was trained on.
+        normalization: optional name of the normalisation (e.g. ``"sat493m_chmv2"``).
+        backbone_source: where the backbone weights came from (recorded; not read).
+        include_backbone: store the backbone weights (else only its identity; loading then needs the backbone).
+        notes: free text.
+    """
+    if isinstance(model, CHMv2):
+        model = CanopyHeightModel.from_chmv2(model)
+    cfg: BackboneConfig = model.backbone.config
+    if len(bands) != cfg.in_chans:
+        raise ValueError(f"{len(bands)} band names {list(bands)} for a backbone with {cfg.in_chans} input channels")
+    meta = _check_metadata(
+        {"bands": list(bands), "mean": None if mean is None else list(mean), "std": None if std is None else list(std),
+         "value_scale": value_scale, "gsd": gsd, "normalization": normalization, "notes": notes},
+        str(path),
+    )
+    def plain(m: nn.Module) -> dict[str, Tensor]:
+        return {k: v.detach().cpu().contiguous().clone() for k, v in m.state_dict().items()}
+
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "head": {**head_config(model.head), "state_dict": plain(model.head)},
+        "bins": model.bins.config() if model.bins is not None else None,
+        "layers": [int(i) for i in model.layers],
+        "backbone": {
+            "arch": getattr(model.backbone, "arch_name", None),
+            "config": cfg.to_dict(),
+            "sha256": backbone_sha256(model.backbone),
+            "source": str(backbone_source) if backbone_source is not None else None,
+            "state_dict": plain(model.backbone) if include_backbone else None,
+        },
+        "metadata": meta,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_canopy_model(
+    path: str | os.PathLike[str],
+    *,
+    backbone: str | os.PathLike[str] | Mapping[str, Any] | DinoVisionTransformer | None = None,
+    check_backbone: bool = True,
+    device: torch.device | str = "cpu",
+) -> tuple[CanopyHeightModel, dict[str, Any]]:
+    """Read a :func:`save_canopy_model` file: ``(model in eval mode, metadata)``.
+
+    ``metadata`` holds the saved metadata plus ``head`` (kind and config), ``bins``, ``layers`` and
+    ``backbone`` (arch, sha256, source). When the file has no backbone weights, give ``backbone`` (a module, a
+    state dict or a file for :func:`~dinov3geo.models.load_backbone`); its weights hash must match the recorded
+    one unless ``check_backbone=False``.
+    """
+    what = str(path)
+    obj = read_checkpoint(path)
+    if not isinstance(obj, Mapping) or obj.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{what} is not a dinov3geo canopy model (format {FORMAT!r}); for Meta's CHMv2 files use load_chmv2"
+        )
+    if not isinstance(obj.get("version"), int) or obj["version"] > VERSION:
+        raise CheckpointError(f"{what}: unsupported canopy checkpoint version {obj.get('version')!r} (this is v{VERSION})")
+    missing = [k for k in ("head", "bins", "layers", "backbone", "metadata") if k not in obj]
+    if missing:
+        raise CheckpointError(f"{what}: incomplete canopy checkpoint", missing=missing)
+    bmeta = obj["backbone"]
+    cfg = BackboneConfig.from_dict(dict(bmeta["config"]))
+    if bmeta.get("state_dict") is not None:
+        bb = load_backbone(bmeta["state_dict"], arch=cfg)
+    elif backbone is None:
+        raise CheckpointError(
+            f"{what} was saved without backbone weights ({bmeta.get('arch') or 'custom arch'}, sha256 "
+            f"{bmeta.get('sha256')}, source {bmeta.get('source')}); pass backbone=<weights file or module>"
+        )
+    else:
+        bb = backbone if isinstance(backbone, DinoVisionTransformer) else load_backbone(backbone, arch=cfg)
+        if check_backbone and backbone_sha256(bb) != bmeta.get("sha256"):
+            raise CheckpointError(
+                f"{what}: the given backbone's weights (sha256 {backbone_sha256(bb)}) differ from those the head "
+                f"was trained on (sha256 {bmeta.get('sha256')}, source {bmeta.get('source')}); "
+                "pass the same backbone or check_backbone=False"
+            )
+    hmeta = dict(obj["head"])
+    h_sd = hmeta.pop("state_dict", None)
+    kind = hmeta.pop("kind", None)
+    if not isinstance(h_sd, Mapping) or kind is None:
+        raise CheckpointError(f"{what}: head entry without kind/state_dict", missing=["head.kind", "head.state_dict"])
+    try:
+        head = build_head(kind, **hmeta)
+    except ValueError as e:
+        raise CheckpointError(f"{what}: {e}") from e
+    try:
+        head.load_state_dict(dict(h_sd), strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{what}: head weights do not fit the recorded {kind} config: {e}") from e
+    bins = HeightBins.from_config(dict(obj["bins"])) if obj["bins"] is not None else None
+    meta = _check_metadata(dict(obj["metadata"]), what)
+    model = CanopyHeightModel(bb, head, bins, obj["layers"], metadata=meta).to(device).eval()
+    info = {
+        **meta,
+        "head": {"kind": kind, **hmeta},
+        "bins": obj["bins"],
+        "layers": list(obj["layers"]),
+        "backbone": {k: bmeta.get(k) for k in ("arch", "sha256", "source")},
+    }
+    return model, info
+
+
+# ----------------------------------------------------------------------------- raster adapter
+class CanopyRasterModel(RasterModel):
+    """A canopy model as a :class:`~dinov3geo.inference.RasterModel`: bands ``height`` and ``height_std`` (metres).
+
+    Args:
+        model: a :class:`CanopyHeightModel` (or a :class:`CHMv2`, converted with
+            :meth:`CanopyHeightModel.from_chmv2`).
+        value_scale, mean, std: ``(x * value_scale - mean) / std`` per band before the model.
+        receptive_margin: edge margin (input pixels) given zero blend weight (>= 32; ViTs see the whole window,
+            so this is where window-edge padding matters most).
+
+    Windows may have any size that is a multiple of 16 (the model pads to its multiple and crops back);
+    nodata is NaN; regression heads give a NaN ``height_std``.
+    """
+
+    band_names = ("height", "height_std")
+    out_bands = 2
+    out_dtype = "float32"
+    nodata = math.nan
+    scale = 1
+
+    def __init__(
+        self,
+        model: CanopyHeightModel | CHMv2,
+        *,
+        value_scale: float = 1.0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        receptive_margin: int = 32,
+    ) -> None:
+        if isinstance(model, CHMv2):
+            model = CanopyHeightModel.from_chmv2(model)
+        if receptive_margin < 32:
+            raise ValueError(f"receptive_margin must be at least 32 px, got {receptive_margin}")
+        self.model = model.eval()
+        self.in_bands = int(model.backbone.config.in_chans)
+        self.receptive_margin = int(receptive_margin)
+        self._norm = _Normalise(value_scale, mean, std)
+        self.value_scale = float(value_scale)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | os.PathLike[str], *, device: torch.device | str = "cpu", **kwargs: Any
+    ) -> CanopyRasterModel:
+        """Load a :func:`save_canopy_model` file; normalisation from its metadata (``kwargs`` go to
+        :func:`load_canopy_model`)."""
+        model, meta = load_canopy_model(path, device=device, **kwargs)
+        return cls(model, value_scale=meta["value_scale"], mean=meta.get("mean"), std=meta.get("std"))
+
+    @classmethod
+    def from_chmv2(cls, model: CHMv2, *, receptive_margin: int = 32) -> CanopyRasterModel:
+        """Meta CHMv2 on uint8 RGB: ``value_scale=1/255`` and the CHMv2 mean/std (red mean 0.420)."""
+        return cls(model, value_scale=1 / 255, mean=SAT493M_CHMV2.mean, std=SAT493M_CHMV2.std,
+                   receptive_margin=receptive_margin)
+
+    def preprocess(self, x: Tensor, valid: Tensor) -> Tensor:
+        return self._norm(x)
+
+    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        if h % 16 or w % 16:
+            raise ValueError(f"window {h}x{w} is not a multiple of 16")
+        out = self.model(x)
+        height = out["height"].float()
+        std = out["std"]
+        std = std.float() if std is not None else torch.full_like(height, math.nan)
+        return torch.cat([height, std], dim=1)
+
+    def to(self, device: torch.device | str) -> CanopyRasterModel:
+        self.model.to(device)
+        return self
+
+    def eval(self) -> CanopyRasterModel:
+        self.model.eval()
+        return self
+
+    def _state_tensors(self) -> list[Tensor]:
+        norm = [torch.tensor([self.value_scale])]
+        norm += [t.flatten() for t in (self._norm.mean, self._norm.std) if t is not None]
+        return list(self.model.state_dict().values()) + norm  # resume refuses a different normalisation

@@ -1,0 +1,190 @@
+"""Forest loss: forest at date 1 that lost its canopy by date 2, with a minimum mapping unit.
+
+Rules (after the operational products in the reference notes: Hansen/GFW "tree cover" = vegetation taller
+than 5 m, RADD's 0.1 ha MMU):
+
+* **forest at date 1**: canopy height ``>= min_height`` (5 m by default) from a canopy-height raster, or a
+  user forest mask (non-zero = forest); with both, a pixel must satisfy both;
+* **loss by date 2**: forest at date 1 AND the evidence that is available:
+
+  - a canopy-height drop ``height_before - height_after >= drop_threshold`` (5 m by default) when the heights
+    of both dates are known,
+  - a change probability ``>= prob_threshold`` when a probability is given;
+
+  with both kinds of evidence they are combined with ``combine="and"`` (default: both must agree, fewer false
+  alarms from noisy modelled heights) or ``"or"``;
+* regions smaller than the MMU (0.1 ha by default; 4- or 8-connected) are removed.
+
+Invalid pixels (nodata, clouds, outside the AOI) are never loss.
+
+:func:`forestgapr_loss_labels` derives reference labels from the ForestGapR Cauaxi airborne-LiDAR CHMs
+(2012, 2014): canopy loss = 2012 height >= 5 m AND (height drop >= 5 m OR 2014 height < 2 m, i.e. a new gap).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dinov3geo.io import GridSpec, open_scene
+from dinov3geo.tasks.change.polygons import remove_small_regions
+
+__all__ = ["ForestLoss", "forest_loss", "forest_mask", "forestgapr_loss_labels", "read_on_grid"]
+
+
+@dataclass
+class ForestLoss:
+    """Output of :func:`forest_loss`.
+
+    Attributes:
+        forest: ``[H, W]`` bool forest at date 1 (valid pixels only).
+        loss: ``[H, W]`` bool loss after the MMU filter.
+        loss_raw: loss before the MMU filter.
+        valid: ``[H, W]`` bool pixels where the decision could be made.
+        evidence: which evidence was used (``"height"``, ``"prob"``, ``"height+prob"``/``"height|prob"``).
+    """
+
+    forest: np.ndarray
+    loss: np.ndarray
+    loss_raw: np.ndarray
+    valid: np.ndarray
+    evidence: str
+
+
+def forest_mask(
+    height: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    *,
+    min_height: float = 5.0,
+) -> np.ndarray:
+    """Forest at date 1: ``height >= min_height`` and/or a user mask (non-zero, finite = forest)."""
+    if height is None and mask is None:
+        raise ValueError("forest needs a canopy-height raster (height) or a forest mask (mask)")
+    out = None
+    if height is not None:
+        h = np.asarray(height, dtype=np.float32)
+        out = np.isfinite(h) & (h >= min_height)
+    if mask is not None:
+        m = np.asarray(mask)
+        fm = (np.isfinite(m) if np.issubdtype(m.dtype, np.floating) else np.ones(m.shape, bool)) & (m != 0)
+        out = fm if out is None else out & fm
+    assert out is not None
+    return out
+
+
+def forest_loss(
+    *,
+    height_before: np.ndarray | None = None,
+    height_after: np.ndarray | None = None,
+    forest: np.ndarray | None = None,
+    prob: np.ndarray | None = None,
+    valid: np.ndarray | None = None,
+    min_height: float = 5.0,
+    drop_threshold: float = 5.0,
+    prob_threshold: float | None = None,
+    combine: str = "and",
+    grid: GridSpec | None = None,
+    mmu_ha: float = 0.1,
+    connectivity: int = 8,
+) -> ForestLoss:
+    """Forest loss between two dates (see the module docstring).
+
+    Args:
+        height_before, height_after: canopy heights (m) on one grid; NaN = unknown.
+        forest: a user forest mask for date 1 (non-zero = forest).
+        prob: change probability; used with ``prob_threshold``.
+        valid: pixels usable at all (both dates valid, cloud-free, inside the AOI).
+        min_height: forest height threshold (m).
+        drop_threshold: height drop that counts as loss (m).
+        prob_threshold: probability threshold (required when ``prob`` is given).
+        combine: ``"and"`` or ``"or"`` when both a height drop and a probability are available.
+        grid: the grid (needed for the MMU in hectares).
+        mmu_ha: minimum mapping unit (0: none).
+        connectivity: 4 or 8 for the MMU regions.
+    """
+    if combine not in ("and", "or"):
+        raise ValueError(f"combine must be 'and' or 'or', got {combine!r}")
+    fst = forest_mask(height_before, forest, min_height=min_height)
+    ok = np.ones(fst.shape, bool) if valid is None else np.asarray(valid, bool).copy()
+    if height_before is not None:
+        ok &= np.isfinite(np.asarray(height_before, np.float32))
+    evid: list[str] = []
+    parts: list[np.ndarray] = []
+    if height_before is not None and height_after is not None:
+        hb, ha = np.asarray(height_before, np.float32), np.asarray(height_after, np.float32)
+        ok &= np.isfinite(ha)
+        parts.append((hb - ha) >= drop_threshold)
+        evid.append("height")
+    if prob is not None:
+        if prob_threshold is None:
+            raise ValueError("prob is given but prob_threshold is not; pass the change threshold")
+        p = np.asarray(prob, np.float32)
+        ok &= np.isfinite(p)
+        parts.append(p >= prob_threshold)
+        evid.append("prob")
+    if not parts:
+        raise ValueError("forest loss needs evidence of loss: canopy heights of both dates (height_before and "
+                         "height_after) and/or a change probability (prob with prob_threshold)")
+    ev = parts[0]
+    for p in parts[1:]:
+        ev = (ev & p) if combine == "and" else (ev | p)
+    fst &= ok
+    raw = fst & ev
+    if mmu_ha > 0:
+        if grid is None:
+            raise ValueError("the MMU needs the grid (pixel areas); pass grid=... or mmu_ha=0")
+        loss = remove_small_regions(raw, grid, mmu_ha, connectivity)
+    else:
+        loss = raw.copy()
+    sep = "+" if combine == "and" else "|"
+    return ForestLoss(fst, loss, raw, ok, sep.join(evid))
+
+
+def read_on_grid(path: Any, grid: GridSpec, *, resampling: str = "bilinear", assume_crs: Any = None,
+                 band: int | str = 1, nodata: float | None = None) -> np.ndarray:
+    """One band of a raster (canopy height, forest mask...) read on ``grid`` as float32, NaN where invalid."""
+    scene = open_scene(path, crs=assume_crs, nodata=nodata, bands=[band]).with_grid(grid, resampling)
+    chip = scene.read(fill=0)
+    out = chip.data[0].astype(np.float32)
+    out[~chip.valid] = np.nan
+    return out
+
+
+def forestgapr_loss_labels(
+    chm_2012: np.ndarray | str | os.PathLike,
+    chm_2014: np.ndarray | str | os.PathLike,
+    *,
+    min_height: float = 5.0,
+    drop: float = 5.0,
+    gap_height: float = 2.0,
+    assume_crs: Any = "EPSG:31982",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Canopy-loss reference labels for the ForestGapR Cauaxi CHM pair (2012 -> 2014).
+
+    ``loss = (h2012 >= min_height) & ((h2012 - h2014 >= drop) | (h2014 < gap_height))``: forest in 2012 that
+    dropped by at least ``drop`` metres or became a gap (below ``gap_height``) by 2014. The files have no CRS
+    tag; their coordinates are UTM 22S (``assume_crs``, SIRGAS 2000 / UTM 22S by default).
+
+    Returns:
+        ``(loss bool [H, W], valid bool [H, W])`` (valid: both heights finite).
+    """
+    arrs = []
+    for x in (chm_2012, chm_2014):
+        if isinstance(x, str | os.PathLike):
+            s = open_scene(x, crs=assume_crs)
+            c = s.read(fill=0)
+            a = c.data[0].astype(np.float32)
+            a[~c.valid] = np.nan
+            arrs.append(a)
+        else:
+            arrs.append(np.asarray(x, np.float32))
+    h12, h14 = arrs
+    if h12.shape != h14.shape:
+        raise ValueError(f"the CHMs have different shapes {h12.shape} and {h14.shape}; put them on one grid first")
+    valid = np.isfinite(h12) & np.isfinite(h14)
+    with np.errstate(invalid="ignore"):
+        loss = valid & (h12 >= min_height) & (((h12 - h14) >= drop) | (h14 < gap_height))
+    return loss, valid

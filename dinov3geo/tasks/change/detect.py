@@ -1,0 +1,390 @@
+"""End-to-end change and deforestation detection between two dates: :func:`detect_change`.
+
+Steps:
+
+1. co-register the dates (:func:`~dinov3geo.tasks.change.coregister.coregister`): date 2 on the date-1 grid (or
+   a user grid), overlap and residual misregistration reported;
+2. mask nodata of either date, plus clouds/shadows from Sentinel-2 SCL rasters or a brightness test
+   (:mod:`~dinov3geo.tasks.change.masking`); the AOI, when given, limits everything;
+3. score change window by window with the inference engine (:func:`dinov3geo.inference.predict_raster`) over
+   the stacked two-date source, with one of
+
+   * ``"classic"``: CVA (default) or NDVI differencing (:mod:`~dinov3geo.tasks.change.classic`),
+   * ``"zeroshot"``: cosine distance of frozen DINOv3 patch features (``ZeroShotChange``),
+   * ``"head"``: a trained bi-temporal change head (``load_change_model``);
+
+4. threshold: the given one, else the trained head's own, else Otsu on the valid pixels;
+5. forest loss when forest information is given (:mod:`~dinov3geo.tasks.change.deforestation`), MMU;
+6. polygons with ``area_ha``, dates, confidence and height-drop statistics (:mod:`~dinov3geo.tasks.change.
+   polygons`), a per-AOI summary and ``summary.json``.
+
+Outputs in ``out_dir`` (all written atomically; rasters are COGs on the common grid, with its CRS):
+
+* ``change_prob.tif``: float32 change probability in ``[0, 1]``, NaN = nodata. For ``"classic"`` it is the
+  score rescaled to 0.5 at the threshold (not calibrated; see :func:`~dinov3geo.tasks.change.classic.
+  score_to_probability`) and the raw score is kept in ``change_score.tif``;
+* ``change.tif``: uint8, 1 = change, 0 = no change, 255 = nodata (clouds, nodata, outside the AOI); no MMU;
+* ``forest_loss.tif`` (with forest information): uint8, 1 = loss (MMU applied), 0 = no loss, 255 = nodata;
+* ``loss_polygons.gpkg``: polygons of forest loss (or of change when there is no forest information), MMU
+  applied;
+* ``aoi_summary.csv`` (with an AOI): hectares of loss per AOI feature and in total;
+* ``summary.json``: inputs, grid, dates, overlap, misregistration, threshold, hectares, outputs.
+
+The model runs window by window (memory bounded by the window size). The post-processing (threshold, MMU,
+polygons) holds the probability (4 bytes/pixel) and a few masks (1 byte/pixel) of the grid in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.windows import Window
+
+from dinov3geo.inference import predict_raster
+from dinov3geo.io.cog import write_cog
+from dinov3geo.io.grid import GridSpec
+from dinov3geo.io.vector import aoi_geometry, aoi_mask
+from dinov3geo.tasks.change.classic import CVAModel, NDVIDiffModel, band_stats, score_to_probability
+from dinov3geo.tasks.change.coregister import ArrayPair, CoregisteredPair, coregister
+from dinov3geo.tasks.change.deforestation import forest_loss, read_on_grid
+from dinov3geo.tasks.change.masking import MaskedSource, masker_from
+from dinov3geo.tasks.change.polygons import (
+    aoi_summary,
+    change_polygons,
+    pixel_area_ha,
+    write_polygons,
+    write_summary,
+)
+from dinov3geo.tasks.change.thresholds import otsu_threshold
+from dinov3geo.utils.atomic import atomic_path, check_writable
+
+__all__ = ["METHODS", "ChangeResult", "detect_change"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("classic", "zeroshot", "head")
+DISCLAIMER = ("Pixel counts of a classified map are biased estimates of area; use a sampling-based accuracy "
+              "assessment (e.g. Olofsson et al. 2014) before reporting areas.")
+
+
+@dataclass
+class ChangeResult:
+    """What :func:`detect_change` wrote and measured.
+
+    Attributes:
+        out_dir: the output folder.
+        paths: output name -> path (``change_prob``, ``change``, ``change_score``, ``forest_loss``, ``polygons``,
+            ``aoi_summary``, ``summary``), only those written.
+        threshold: threshold on ``change_prob`` (classic: 0.5 by construction; see ``score_threshold``).
+        score_threshold: threshold on the raw score (the same as ``threshold`` except for ``"classic"``).
+        threshold_source: ``"given"``, ``"model"`` (the head's validation threshold) or ``"otsu"``.
+        change_ha: hectares of change (pixels, no MMU).
+        loss_ha: hectares of forest loss (after the MMU) or None without forest information.
+        polygons_ha: hectares of the written polygons.
+        n_polygons: number of polygons.
+        pair: the co-registered pair (grid, dates, overlap, misregistration).
+        summary: the content of ``summary.json``.
+    """
+
+    out_dir: Path
+    paths: dict[str, Path]
+    threshold: float
+    score_threshold: float
+    threshold_source: str
+    change_ha: float
+    loss_ha: float | None
+    polygons_ha: float
+    n_polygons: int
+    pair: CoregisteredPair
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _sample_source(src: Any, pair: CoregisteredPair, max_pixels: int = 1_000_000) -> ArrayPair:
+    """Both dates with every mask (clouds included) when the grid is small, else the coarse pair sample."""
+    g = pair.grid
+    if g.width * g.height > max_pixels:
+        return pair.sample(max_pixels)
+    # an outer GDAL environment: the stacked readers' own environments then nest in any closing order
+    with rasterio.Env(), src.reader() as r:
+        data, valid = r.read(Window(0, 0, g.width, g.height))
+    c = len(pair.band_names)
+    return ArrayPair(data[:c].astype(np.float32), data[c:].astype(np.float32), valid, pair.band_names, g)
+
+
+def _build_model(method: str, pair: CoregisteredPair, src: Any, *, classic_method: str, ndvi_direction: str,
+                 model: Any, backbone: Any, value_scale: float | None, mean: Sequence[float] | None,
+                 std: Sequence[float] | None, layers: Any, device: str) -> tuple[Any, dict[str, Any]]:
+    info: dict[str, Any] = {"method": method}
+    if method == "classic":
+        info["classic_method"] = classic_method
+        if classic_method == "cva":
+            smp = _sample_source(src, pair)
+            stats = band_stats(smp.before, smp.after, smp.valid)
+            return CVAModel(stats), info
+        if classic_method == "ndvi":
+            info["ndvi_direction"] = ndvi_direction
+            return NDVIDiffModel(pair.band_names, ndvi_direction), info
+        raise ValueError(f"classic_method must be 'cva' or 'ndvi', got {classic_method!r}")
+    if method == "zeroshot":
+        from dinov3geo.models import load_backbone
+        from dinov3geo.tasks.change.zeroshot import ZeroShotChange
+        from dinov3geo.tasks.features import normalisation_for
+
+        if backbone is None:
+            raise ValueError("method='zeroshot' needs a backbone (weights file or module; CLI --backbone)")
+        bb = load_backbone(backbone) if isinstance(backbone, str | os.PathLike) else backbone
+        vs, m, s = normalisation_for(bb, pair.before.dtype)
+        c = len(pair.band_names)
+        if bb.patch_embed.proj.in_channels != c and mean is None:
+            m = s = None
+        kw: dict[str, Any] = {"layers": layers} if layers is not None else {}
+        zs = ZeroShotChange(bb, bands_per_date=c, value_scale=vs if value_scale is None else value_scale,
+                            mean=mean if mean is not None else m, std=std if std is not None else s,
+                            band_names=list(pair.band_names), **kw)
+        info["backbone"] = os.fspath(backbone) if isinstance(backbone, str | os.PathLike) else type(bb).__name__
+        return zs, info
+    if method == "head":
+        from dinov3geo.tasks.change.head import load_change_model
+
+        if model is None:
+            raise ValueError("method='head' needs a trained change model (CLI --model), see `dinov3geo change train`")
+        rm = load_change_model(model, backbone=backbone) if isinstance(model, str | os.PathLike) else model
+        want = getattr(rm, "bands", None)
+        if want and [b.lower() for b in want] != [b.lower() for b in pair.band_names]:
+            raise ValueError(f"the change model {os.fspath(model) if isinstance(model, str | os.PathLike) else ''!s} "
+                             f"was trained on bands {list(want)} but the images give {list(pair.band_names)}; "
+                             f"pass bands={list(want)} (CLI --bands) or band_names to match")
+        info["model"] = os.fspath(model) if isinstance(model, str | os.PathLike) else type(rm).__name__
+        return rm, info
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def _read_band(path: Path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read(1, out_dtype="float32")
+
+
+def _uint8_map(mask: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    out = np.full(mask.shape, 255, dtype=np.uint8)
+    out[valid] = mask[valid].astype(np.uint8)
+    return out
+
+
+def _ha(mask: np.ndarray, grid: GridSpec) -> float:
+    rows = mask.sum(axis=1, dtype=np.float64)
+    return float((rows * pixel_area_ha(grid)[:, 0]).sum())
+
+
+def detect_change(
+    before: Any,
+    after: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    method: str = "classic",
+    classic_method: str = "cva",
+    ndvi_direction: str = "decrease",
+    aoi: Any = None,
+    threshold: float | None = None,
+    canopy_before: Any = None,
+    canopy_after: Any = None,
+    forest_mask: Any = None,
+    min_height: float = 5.0,
+    drop_threshold: float = 5.0,
+    loss_evidence: str = "auto",
+    combine: str = "and",
+    mmu_ha: float = 0.1,
+    connectivity: int = 8,
+    dates: Sequence[Any] | None = None,
+    bands: Sequence[str | int] | None = None,
+    band_names: Sequence[str] | None = None,
+    grid: GridSpec | None = None,
+    resampling: str = "bilinear",
+    nodata: float | None = None,
+    assume_crs: Any = None,
+    scl_before: Any = None,
+    scl_after: Any = None,
+    cloud_test: bool = False,
+    model: Any = None,
+    backbone: Any = None,
+    value_scale: float | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    layers: Any = None,
+    misregistration_threshold_px: float = 0.5,
+    polygons_name: str = "loss_polygons.gpkg",
+    window: int = 512,
+    batch_size: int = 4,
+    device: str = "auto",
+    progress: bool = True,
+) -> ChangeResult:
+    """Detect change (and forest loss) between two dates and write maps, polygons and a summary.
+
+    Args:
+        before, after: the two dates: raster files, band folders, lists of band files, STAC items or scenes.
+        out_dir: output folder (created).
+        method: ``"classic"``, ``"zeroshot"`` or ``"head"`` (see the module docstring).
+        classic_method: ``"cva"`` or ``"ndvi"`` (needs red and nir bands).
+        ndvi_direction: NDVI score direction: ``"decrease"`` (vegetation loss), ``"increase"``, ``"both"``.
+        aoi: area of interest (vector file, GeoDataFrame); outside it everything is nodata. Each AOI feature
+            gets a line in ``aoi_summary.csv``.
+        threshold: threshold on the change score (classic: the raw CVA/NDVI score; zeroshot: the cosine
+            distance; head: the probability). Default: the head's own threshold, else Otsu.
+        canopy_before, canopy_after: canopy-height rasters (m) of the two dates (any grid/CRS; read bilinearly
+            on the common grid).
+        forest_mask: a forest mask of date 1 (non-zero = forest), read with nearest resampling.
+        min_height: forest height threshold (m).
+        drop_threshold: canopy-height drop counted as loss (m).
+        loss_evidence: ``"auto"`` (height drop when both heights are known, and the change probability, combined
+            with ``combine``), ``"height"`` (height drop only) or ``"prob"`` (change probability only).
+        combine: ``"and"`` or ``"or"`` for the two kinds of evidence.
+        mmu_ha: minimum mapping unit (hectares) of loss regions and polygons.
+        connectivity: 4 or 8 for regions/polygons.
+        dates: ``(date_before, date_after)`` overriding detected dates (ISO strings or dates).
+        bands, band_names, grid, resampling, nodata, assume_crs: see
+            :func:`~dinov3geo.tasks.change.coregister.coregister`.
+        scl_before, scl_after: Sentinel-2 SCL rasters of each date (clouds, shadows, cirrus masked).
+        cloud_test: also mask bright white pixels (crude cloud test for imagery without a cloud mask).
+        model: a trained change model (file or RasterModel) for ``method="head"``.
+        backbone: backbone weights (file or module) for ``"zeroshot"`` (and for a head whose checkpoint does
+            not embed it).
+        value_scale, mean, std, layers: normalisation / blocks for ``"zeroshot"`` (default from the backbone).
+        misregistration_threshold_px: warning threshold of the residual shift.
+        polygons_name: polygons file name; the suffix picks the format (``.gpkg``, ``.parquet``, ``.geojson``).
+        window, batch_size, device, progress: inference-engine settings.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if loss_evidence not in ("auto", "height", "prob"):
+        raise ValueError(f"loss_evidence must be 'auto', 'height' or 'prob', got {loss_evidence!r}")
+    if (canopy_before is None) != (canopy_after is None) and forest_mask is None and canopy_before is None:
+        raise ValueError("canopy_after without canopy_before: forest at date 1 needs canopy_before or forest_mask")
+    out = Path(out_dir)
+    check_writable(out / "summary.json")
+    caught: list[str] = []
+    with warnings.catch_warnings(record=True) as wlist:
+        warnings.simplefilter("always")
+        pair = coregister(before, after, grid=grid, resampling=resampling, bands=bands, band_names=band_names,
+                          nodata=nodata, assume_crs=assume_crs, dates=dates,
+                          misregistration_threshold_px=misregistration_threshold_px)
+    for w in wlist:
+        caught.append(str(w.message))
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    g = pair.grid
+    mb = masker_from(scl_before, cloud_test, assume_crs=assume_crs)
+    ma = masker_from(scl_after, cloud_test, assume_crs=assume_crs)
+    src = pair.source(masks=(mb, ma)) if (mb or ma) else pair.source()
+    rmodel, info = _build_model(method, pair, src, classic_method=classic_method, ndvi_direction=ndvi_direction,
+                                model=model, backbone=backbone, value_scale=value_scale, mean=mean, std=std,
+                                layers=layers, device=device)
+
+    paths: dict[str, Path] = {}
+    score_name = "change_score.tif" if method == "classic" else "change_prob.tif"
+    score_path = out / score_name
+    tags = {"dinov3geo_task": "change", "date_before": pair.date_before or "", "date_after": pair.date_after or "",
+            "method": method}
+    predict_raster(rmodel, src, score_path, aoi=aoi, window=window, batch_size=batch_size, device=device,
+                   progress=progress, tags=tags)
+    paths["change_score" if method == "classic" else "change_prob"] = score_path
+    score = _read_band(score_path)
+    valid = np.isfinite(score)
+    if not valid.any():
+        raise ValueError(f"no valid pixel to detect change in (both dates valid, cloud-free"
+                         f"{', inside the AOI' if aoi is not None else ''}); check the inputs and masks")
+
+    # ------------------------------------------------------------------ threshold and probability
+    if threshold is not None:
+        score_thr, thr_src = float(threshold), "given"
+    elif method == "head" and getattr(rmodel, "threshold", None) is not None:
+        score_thr, thr_src = float(rmodel.threshold), "model"
+    else:
+        score_thr, thr_src = otsu_threshold(score, valid), "otsu"
+    if method == "classic":
+        prob = np.where(valid, score_to_probability(score, score_thr), np.nan).astype(np.float32)
+        prob_thr = 0.5
+        paths["change_prob"] = write_cog(out / "change_prob.tif", prob, g, nodata=float("nan"),
+                                         band_names=["change_prob"], tags={**tags, "threshold_on_score": score_thr})
+    else:
+        prob, prob_thr = score, score_thr
+    change = valid & (prob >= prob_thr)
+    paths["change"] = write_cog(out / "change.tif", _uint8_map(change, valid), g, nodata=255, band_names=["change"],
+                                tags={**tags, "threshold": prob_thr}, overview_resampling="nearest")
+
+    # ------------------------------------------------------------------ forest loss
+    hb = ha = fmask = None
+    loss = None
+    loss_info: dict[str, Any] | None = None
+    if canopy_before is not None:
+        hb = read_on_grid(canopy_before, g, assume_crs=assume_crs)
+    if canopy_after is not None:
+        ha = read_on_grid(canopy_after, g, assume_crs=assume_crs)
+    if forest_mask is not None:
+        fmask = read_on_grid(forest_mask, g, resampling="nearest", assume_crs=assume_crs)
+    if hb is not None or fmask is not None:
+        use_h = loss_evidence in ("auto", "height") and hb is not None and ha is not None
+        use_p = loss_evidence in ("auto", "prob")
+        if loss_evidence == "height" and not use_h:
+            raise ValueError("loss_evidence='height' needs canopy_before and canopy_after")
+        fl = forest_loss(height_before=hb, height_after=ha if use_h else None,
+                         forest=None if fmask is None else np.where(np.isfinite(fmask), fmask, 0),
+                         prob=prob if use_p else None, prob_threshold=prob_thr if use_p else None,
+                         valid=valid, min_height=min_height, drop_threshold=drop_threshold, combine=combine,
+                         grid=g, mmu_ha=mmu_ha, connectivity=connectivity)
+        loss = fl.loss
+        paths["forest_loss"] = write_cog(out / "forest_loss.tif", _uint8_map(fl.loss, fl.valid), g, nodata=255,
+                                         band_names=["forest_loss"], overview_resampling="nearest",
+                                         tags={**tags, "evidence": fl.evidence, "mmu_ha": mmu_ha,
+                                               "min_height_m": min_height, "drop_threshold_m": drop_threshold})
+        loss_info = {"evidence": fl.evidence, "forest_ha": _ha(fl.forest, g), "loss_ha_before_mmu":
+                     _ha(fl.loss_raw, g), "loss_ha": _ha(fl.loss, g), "min_height_m": min_height,
+                     "drop_threshold_m": drop_threshold, "combine": combine}
+
+    # ------------------------------------------------------------------ polygons and summaries
+    target = loss if loss is not None else change
+    polys = change_polygons(target, g, mmu_ha=mmu_ha, connectivity=connectivity, date_before=pair.date_before,
+                            date_after=pair.date_after, prob=prob,
+                            height_before=hb, height_after=ha if hb is not None else None)
+    paths["polygons"] = write_polygons(polys, out / polygons_name, layer="loss" if loss is not None else "change")
+    table = aoi_summary(polys, aoi) if aoi is not None else aoi_summary(polys)
+    if aoi is not None:
+        paths["aoi_summary"] = write_summary(table, out / "aoi_summary.csv")
+    valid_ha = _ha(valid, g)
+    aoi_ha = None
+    if aoi is not None:
+        aoi_ha = _ha(aoi_mask(aoi_geometry(aoi, g.crs), g), g)
+    change_ha = _ha(change, g)
+    polygons_ha = float(polys["area_ha"].sum()) if len(polys) else 0.0
+    summary = {
+        "format": "dinov3geo.change.summary", "version": 1, **info,
+        **pair.summary(),
+        "aoi": os.fspath(aoi) if isinstance(aoi, str | os.PathLike) else (None if aoi is None else "given"),
+        "aoi_ha": aoi_ha,
+        "threshold": {"value": prob_thr, "on": "change_prob", "score_value": score_thr, "source": thr_src},
+        "masks": {"scl_before": os.fspath(scl_before) if scl_before is not None else None,
+                  "scl_after": os.fspath(scl_after) if scl_after is not None else None, "cloud_test": cloud_test,
+                  "masked_pixels": sum(s.masked_pixels for s in getattr(src, "sources", [])
+                                       if isinstance(s, MaskedSource))},
+        "valid_ha": valid_ha, "valid_fraction": float(valid.mean()),
+        "change_ha": change_ha, "change_fraction_of_valid": change_ha / valid_ha if valid_ha else math.nan,
+        "forest_loss": loss_info,
+        "polygons": {"what": "forest_loss" if loss is not None else "change", "n": len(polys), "area_ha": polygons_ha,
+                     "mmu_ha": mmu_ha, "connectivity": connectivity},
+        "per_aoi": json.loads(table.to_json(orient="records")),
+        "warnings": caught,
+        "outputs": {k: p.name for k, p in paths.items()},
+        "note": DISCLAIMER,
+    }
+    with atomic_path(out / "summary.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1, default=str))
+    paths["summary"] = out / "summary.json"
+    return ChangeResult(out, paths, float(prob_thr), float(score_thr), thr_src, change_ha,
+                        loss_info["loss_ha"] if loss_info else None, polygons_ha, len(polys), pair, summary)

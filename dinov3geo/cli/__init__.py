@@ -19,10 +19,13 @@ log = logging.getLogger("dinov3geo")
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every subcommand."""
+    from dinov3geo.cli import canopy as canopy_cmd
+    from dinov3geo.cli import change as change_cmd
     from dinov3geo.cli import features as features_cmd
     from dinov3geo.cli import info as info_cmd
     from dinov3geo.cli import ingest as ingest_cmd
     from dinov3geo.cli import pretrain as pretrain_cmd
+    from dinov3geo.cli import run as run_cmd
 
     p = argparse.ArgumentParser(
         prog="dinov3geo",
@@ -33,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in (ingest_cmd, info_cmd, pretrain_cmd, features_cmd):
+    for mod in (ingest_cmd, info_cmd, pretrain_cmd, features_cmd, canopy_cmd, run_cmd, change_cmd):
         mod.register(sub)
     return p
 

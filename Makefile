@@ -15,17 +15,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Run the main job on the bundled data in data/ (outputs in outputs/demo/).
+## Run the whole workflow on the bundled data in data/ (pipelines/demo.yaml; outputs and report in outputs/demo/).
+## Re-running skips the stages that are up to date.
 demo: install
-	$(VENV)/bin/dinov3geo ingest data/neon_bart_2019/2019_BART_5_320000_4881000_image_crop.tif \
-		data/landsat/rasterio_RGB.byte.tif --bands red,green,blue --tile 128 --out outputs/demo/rgb_tiles.zarr
-	$(VENV)/bin/dinov3geo ingest data/pucallpa --tile 128 --out outputs/demo/pucallpa_tiles.zarr
-	$(VENV)/bin/dinov3geo info outputs/demo/rgb_tiles.zarr
-	$(VENV)/bin/dinov3geo pretrain pipelines/demo_pretrain.yaml --resume
-	$(VENV)/bin/dinov3geo features data/neon_bart_2019/2019_BART_5_320000_4881000_image_crop.tif \
-		--weights outputs/demo/pretrain/backbone.pth --out outputs/demo/neon_features.zarr --window 512
-	@echo "demo outputs in outputs/demo/: tile stores (*.zarr), pretraining run (pretrain/: checkpoints, logs,"
-	@echo "backbone.pth in Meta's format), dense features (neon_features.zarr) and their PCA (neon_features_pca.png)"
+	$(VENV)/bin/dinov3geo run pipelines/demo.yaml --summary
+	@echo "report: outputs/demo/report.html (open it in a browser; links go to the COG/GeoPackage outputs)"
 
 ## Run the test suite (CI: .ci/run). Slow tests are excluded; run them with `make test PYTEST_ARGS="-m slow"`.
 test: install

@@ -89,7 +89,7 @@ def run_site(name: str, args: argparse.Namespace, backbones: dict[str, Path], wo
                 "split": {"block": block, "buffer": buffer, "fractions": FRACTIONS, "seed": args.seed},
                 "model": {"backbone": str(bpath), "head": head, "n_bins": args.bins, "hidden": args.hidden,
                           "output": "bins"},
-                "train": {"tile": args.tile, "stride": args.tile // 2, "epochs": args.epochs,
+                "train": {"tile": args.tile, "stride": args.stride, "epochs": args.epochs,
                           "batch_size": args.batch, "lr": args.lr, "augment": not args.no_augment,
                           "eval_window": args.eval_window},
                 "out": str(out),
@@ -129,6 +129,7 @@ def main() -> int:
     ap.add_argument("--block", type=int, default=96, help="split block side (px)")
     ap.add_argument("--buffer", type=int, default=16, help="gap between splits (px)")
     ap.add_argument("--tile", type=int, default=64)
+    ap.add_argument("--stride", type=int, default=16, help="training tile stride (px)")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)

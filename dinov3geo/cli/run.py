@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="re-run STAGE (and what depends on it) even if up to date; without STAGE every stage "
                    "(put it after the pipeline path, or write --force=STAGE)")
     p.add_argument("--dry-run", action="store_true", help="only say which stages would run and why")
+    p.add_argument("--summary", action="store_true", help="after the run, print the key numbers each stage "
+                   "returned (also those of stages skipped as up to date) and the report's path")
     p.add_argument("--list-stages", action="store_true", help="list the registered stage types and their "
                    "parameters, then exit")
     p.set_defaults(func=run)
@@ -67,7 +69,24 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet and not args.dry_run:
         ran = sum(r.status == "done" for r in runs.values())
         print(f"pipeline done: {ran} stage(s) ran, {len(runs) - ran} up to date")
+    if args.summary and not args.dry_run:
+        print_summary(runs)
     return 0
+
+
+def print_summary(runs: dict) -> None:
+    """Print each stage's ``summary`` numbers (label: value), its time, and the HTML reports written."""
+    from dinov3geo.report.html import fmt
+
+    print("summary:")
+    for name, r in runs.items():
+        res = r.result or {}
+        secs = "" if r.seconds is None else f", {r.seconds:.1f} s"
+        print(f"  {name} ({r.type}, {r.status}{secs})")
+        for k, v in (res.get("summary") or {}).items():
+            print(f"      {k}: {fmt(v)}")
+        if res.get("html"):
+            print(f"      report: {res['html']}")
 
 
 def report(args: argparse.Namespace) -> int:

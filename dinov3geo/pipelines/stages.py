@@ -19,7 +19,8 @@ Third parties add kinds with :func:`register_stage`::
 Built-in kinds: ``ingest`` (:func:`dinov3geo.ingest.ingest`), ``pretrain`` (one stage or all stages of a
 pretraining config, :mod:`dinov3geo.ssl.train`), ``features`` (:func:`dinov3geo.tasks.features.extract_features`)
 and ``report`` (:func:`dinov3geo.report.build.build_report`, see :mod:`dinov3geo.report.build` for its
-section kinds).
+section kinds); the task kinds ``canopy_train``, ``canopy_predict``, ``canopy_evaluate``, ``forest_mask`` and
+``change_detect`` are in :mod:`dinov3geo.pipelines.task_stages`.
 """
 
 from __future__ import annotations
@@ -411,3 +412,6 @@ def _load_builtins() -> None:
                    replace=True)
     register_stage("report", report_stage, inputs=_report_inputs, outputs=("out",), validate=_report_validate,
                    replace=True)
+    from dinov3geo.pipelines.task_stages import register_task_stages
+
+    register_task_stages()

@@ -12,7 +12,8 @@ output files) and generation metadata (dinov3geo version, UTC date, machine). Se
           - {kind: map, path: chm.tif, label: "height (m)", cmap: viridis, vmin: 0, vmax: 30}
           - {kind: map, path: chm_std.tif, label: "uncertainty (m)", cmap: magma}
           - {kind: table, path: metrics.json, caption: "hold-out metrics"}
-      - {title: Forest loss, kind: overlay, image: t2.tif, mask: loss.tif, label: loss, area: true}
+      - {title: Forest loss, kind: overlay, image: t2.tif, mask: loss.tif, label: loss, area: true,
+         polygons: loss.gpkg}   # optional polygon outlines (any CRS) on top
       - {title: Features, kind: pca, features: feats.zarr}
       - {title: Pretraining, kind: loss_curves, runs: [outputs/pretrain]}
       - {title: Files, kind: links, paths: [chm.tif, {path: loss.gpkg, label: "loss polygons"}]}
@@ -185,7 +186,7 @@ ITEM_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "rgb": (("path",), ("bands", "percentiles", "caption", "max_size")),
     "map": (("path",), ("band", "label", "cmap", "vmin", "vmax", "caption", "max_size")),
     "overlay": (("image", "mask"), ("threshold", "color", "alpha", "label", "bands", "percentiles", "caption",
-                                    "area", "max_size")),
+                                    "area", "max_size", "polygons", "outline")),
     "pca": (("features",), ("caption", "max_size", "variable")),
     "image": (("path",), ("caption",)),
     "loss_curves": (("runs",), ("metrics", "caption")),
@@ -195,7 +196,7 @@ ITEM_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 SECTION_KEYS = ("title", "text", "items")
 #: keys of an item holding input paths (the report stage re-runs when they change)
-_PATH_KEYS = ("path", "image", "mask", "features", "runs", "paths")
+_PATH_KEYS = ("path", "image", "mask", "features", "runs", "paths", "polygons")
 
 
 def _items(spec: Mapping[str, Any], where: str) -> list[Mapping[str, Any]]:
@@ -294,7 +295,8 @@ def section_from_spec(spec: Mapping[str, Any]) -> Section:
             png = F.overlay_figure(item["image"], item["mask"], threshold=thr,
                                    color=str(item.get("color", "#e8112d")), alpha=float(item.get("alpha", 0.6)),
                                    label=str(item.get("label", "")), bands=item.get("bands"),
-                                   percentiles=tuple(item.get("percentiles", (2, 98))), max_size=ms)  # type: ignore[arg-type]
+                                   percentiles=tuple(item.get("percentiles", (2, 98))), max_size=ms,  # type: ignore[arg-type]
+                                   polygons=item.get("polygons"), outline=str(item.get("outline", "#ffd400")))
             text = cap or f"{Path(item['mask']).name} >= {thr:g} over {Path(item['image']).name}"
             if item.get("area"):
                 ha = raster_area_ha(item["mask"], thr)

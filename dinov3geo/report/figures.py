@@ -181,11 +181,13 @@ def _onto(mask: Preview, target: Preview, shape: tuple[int, int]) -> np.ndarray:
 def overlay_figure(image: PathLike | np.ndarray | Preview, mask: PathLike | np.ndarray | Preview,
                    threshold: float = 0.5, color: str = "#e8112d", alpha: float = 0.6, label: str = "",
                    bands: Sequence[int | str] | None = None, percentiles: tuple[float, float] = (2.0, 98.0),
-                   max_size: int = 1024) -> bytes:
+                   max_size: int = 1024, polygons: Any = None, outline: str = "#ffd400") -> bytes:
     """A binary or probability mask (``mask >= threshold``, band 1) drawn in ``color`` over an RGB preview.
 
     The mask is reprojected onto the image's grid when both are georeferenced (nearest neighbour), so a
-    change map on another grid or resolution lines up; otherwise it is resized to the image.
+    change map on another grid or resolution lines up; otherwise it is resized to the image. ``polygons``
+    (a vector file or GeoDataFrame, any CRS; the image must be georeferenced) are drawn as ``outline``
+    coloured outlines on top.
     """
     from matplotlib.colors import to_rgba
     from matplotlib.patches import Patch
@@ -206,10 +208,54 @@ def overlay_figure(image: PathLike | np.ndarray | Preview, mask: PathLike | np.n
     over = np.zeros((h, w, 4), dtype="float32")
     over[hit] = to_rgba(color, alpha)
     ax.imshow(over, interpolation="nearest")
+    handles = [Patch(color=color, alpha=alpha, label=label)] if label else []
+    if polygons is not None:
+        from matplotlib.lines import Line2D
+
+        n = draw_outlines(ax, polygons, img, outline)
+        handles.append(Line2D([], [], color=outline, lw=1.2, label=f"polygons ({n})"))
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
     ax.set_axis_off()
-    if label:
-        ax.legend(handles=[Patch(color=color, alpha=alpha, label=label)], loc="lower right", framealpha=0.8)
+    if handles:
+        ax.legend(handles=handles, loc="lower right", framealpha=0.8)
     return png_bytes(fig)
+
+
+def draw_outlines(ax: Any, polygons: Any, target: Preview, color: str = "#ffd400", lw: float = 1.0) -> int:
+    """Draw the outlines of ``polygons`` (vector file or GeoDataFrame, any CRS) in the pixel coordinates of
+    ``target`` (a georeferenced :class:`Preview`) on ``ax``; returns the number of polygons drawn."""
+    import shapely
+
+    if target.transform is None or target.crs is None:
+        raise ValueError("report figure: polygon outlines need a georeferenced image")
+    if isinstance(polygons, str | os.PathLike):
+        from dinov3geo.io.vector import read_vector
+
+        if not Path(polygons).exists():
+            raise FileNotFoundError(f"report figure: polygons {str(polygons)!r} not found")
+        gdf = read_vector(polygons, allow_empty=True)
+    else:
+        gdf = polygons
+    if len(gdf) == 0:
+        return 0
+    if gdf.crs is None:
+        raise ValueError("report figure: the polygons have no CRS")
+    geoms = gdf.geometry.to_crs(target.crs).values
+    inv = ~target.transform
+    n = 0
+    for g in geoms:
+        if g is None or g.is_empty:
+            continue
+        n += 1
+        for line in shapely.get_parts(shapely.boundary(g)):
+            for part in shapely.get_parts(line):
+                xy = np.asarray(part.coords)
+                if xy.shape[0] < 2:
+                    continue
+                cols, rows = inv * (xy[:, 0], xy[:, 1])
+                ax.plot(np.asarray(cols) - 0.5, np.asarray(rows) - 0.5, color=color, lw=lw)
+    return n
 
 
 def pca_figure(features: PathLike | np.ndarray, max_size: int = 512, variable: str = "features") -> bytes:

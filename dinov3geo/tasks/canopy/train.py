@@ -279,15 +279,31 @@ def _cut_tiles(
     pair: ImageCHMPair, split: SpatialSplit, name: str, tile: int, stride: int, min_valid: float,
     norm: tuple[float, Sequence[float] | None, Sequence[float] | None],
 ) -> _Tiles | None:
+    """Tiles of split ``name``.
+
+    Training tiles lie fully inside the train area (no pixel of another split enters a training input).
+    Validation tiles only need ``min_valid`` of their pixels labelled *and* in the split; their labels are
+    restricted to the split's pixels (they are used for model selection only, never for gradients), so small
+    validation blocks still give tiles.
+    """
     if name not in split.names:
         return None
-    windows = split.tiles(name, tile, stride)
     img = _normalise(pair.image, *norm)
+    if name == "train":
+        windows = [(int(w.row_off), int(w.col_off)) for w in split.tiles(name, tile, stride)]
+        area = None
+    else:
+        area = split.mask(name)
+        h, w = pair.grid.shape
+        rows = sorted({*range(0, max(h - tile, 0) + 1, stride), max(h - tile, 0)})
+        cols = sorted({*range(0, max(w - tile, 0) + 1, stride), max(w - tile, 0)})
+        windows = [(r, c) for r in rows for c in cols]
     imgs, hs, vs = [], [], []
-    for w in windows:
-        r, c = int(w.row_off), int(w.col_off)
+    for r, c in windows:
         valid = pair.valid[r:r + tile, c:c + tile]
-        if valid.mean() < min_valid:
+        if area is not None:
+            valid = valid & area[r:r + tile, c:c + tile]
+        if valid.shape != (tile, tile) or valid.mean() < min_valid:
             continue
         imgs.append(img[:, r:r + tile, c:c + tile])
         hs.append(torch.from_numpy(np.where(valid, pair.heights[r:r + tile, c:c + tile], np.nan).astype(np.float32)))
@@ -329,10 +345,10 @@ def build_model(cfg: CanopyTrainConfig, backbone: torch.nn.Module) -> CanopyHeig
 
 @torch.no_grad()
 def _cache(model: CanopyHeightModel, tiles: _Tiles, views: int, batch: int, device: torch.device,
-           amp: torch.dtype | None, dtype: torch.dtype, desc: str) -> None:
+           amp: torch.dtype | None, dtype: torch.dtype, desc: str, progress: bool = True) -> None:
     n = tiles.images.shape[0]
     per_level: list[list[Tensor]] | None = None
-    bar = progress_bar(total=n * views, desc=desc, leave=False)
+    bar = progress_bar(total=n * views, desc=desc, leave=False, disable=not progress)
     for k in range(views):
         for s in range(0, n, batch):
             x = _dihedral(tiles.images[s:s + batch], k).to(device)
@@ -439,7 +455,7 @@ def train_canopy(config: CanopyTrainConfig | str | os.PathLike[str] | dict[str, 
     train_parts, val_parts = [], []
     for _name, _, pair, split in pairs:
         t = _cut_tiles(pair, split, "train", tc.tile, tc.stride, tc.min_valid, norm)
-        v = _cut_tiles(pair, split, "val", tc.tile, tc.stride, tc.min_valid, norm)
+        v = _cut_tiles(pair, split, "val", tc.tile, tc.stride, tc.min_valid / 2, norm)
         train_parts += [t] if t is not None else []
         val_parts += [v] if v is not None else []
     if not train_parts:
@@ -453,9 +469,9 @@ def train_canopy(config: CanopyTrainConfig | str | os.PathLike[str] | dict[str, 
     log.info("canopy training: %d train tiles (x%d views), %d val tiles of %d px; bands %s",
              train.images.shape[0], views, 0 if val is None else val.images.shape[0], tc.tile, bands)
     if tc.cache_features:
-        _cache(model, train, views, tc.batch_size, device, amp, cache_dtype, "caching train features")
+        _cache(model, train, views, tc.batch_size, device, amp, cache_dtype, "caching train features", progress)
         if val is not None:
-            _cache(model, val, 1, tc.batch_size, device, amp, cache_dtype, "caching val features")
+            _cache(model, val, 1, tc.batch_size, device, amp, cache_dtype, "caching val features", progress)
     train.views = views
 
     # ---- optimiser, resume

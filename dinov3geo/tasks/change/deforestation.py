@@ -17,6 +17,9 @@ than 5 m, RADD's 0.1 ha MMU):
 
 Invalid pixels (nodata, clouds, outside the AOI) are never loss.
 
+Without a canopy-height model (e.g. Landsat imagery), :func:`ndvi_forest_mask` makes the date-1 forest mask
+from the red and near-infrared bands: ``NDVI = (nir - red) / (nir + red) >= threshold``.
+
 :func:`forestgapr_loss_labels` derives reference labels from the ForestGapR Cauaxi airborne-LiDAR CHMs
 (2012, 2014): canopy loss = 2012 height >= 5 m AND (height drop >= 5 m OR 2014 height < 2 m, i.e. a new gap).
 """
@@ -24,7 +27,9 @@ Invalid pixels (nodata, clouds, outside the AOI) are never loss.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +37,8 @@ import numpy as np
 from dinov3geo.io import GridSpec, open_scene
 from dinov3geo.tasks.change.polygons import remove_small_regions
 
-__all__ = ["ForestLoss", "forest_loss", "forest_mask", "forestgapr_loss_labels", "read_on_grid"]
+__all__ = ["ForestLoss", "NDVIForest", "forest_loss", "forest_mask", "forestgapr_loss_labels", "ndvi",
+           "ndvi_forest_mask", "read_on_grid"]
 
 
 @dataclass
@@ -141,6 +147,102 @@ def forest_loss(
         loss = raw.copy()
     sep = "+" if combine == "and" else "|"
     return ForestLoss(fst, loss, raw, ok, sep.join(evid))
+
+
+def ndvi(red: np.ndarray, nir: np.ndarray) -> np.ndarray:
+    """``(nir - red) / (nir + red)`` as float32; NaN where either band is NaN or ``nir + red == 0``."""
+    r, n = np.asarray(red, np.float32), np.asarray(nir, np.float32)
+    den = n + r
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(den != 0, (n - r) / den, np.nan).astype(np.float32)
+    return out
+
+
+@dataclass
+class NDVIForest:
+    """Output of :func:`ndvi_forest_mask`.
+
+    Attributes:
+        forest: ``[H, W]`` bool, NDVI >= threshold on valid pixels.
+        valid: ``[H, W]`` bool, both bands valid (not nodata) and NDVI defined.
+        ndvi: ``[H, W]`` float32 NDVI, NaN where invalid.
+        grid: the image grid.
+        threshold: the NDVI threshold used.
+        path: the written mask COG (uint8: 1 forest, 0 not forest, 255 nodata) or None.
+    """
+
+    forest: np.ndarray
+    valid: np.ndarray
+    ndvi: np.ndarray
+    grid: GridSpec
+    threshold: float
+    path: Path | None = None
+
+    @property
+    def forest_fraction(self) -> float:
+        """Share of the valid pixels that are forest (NaN when none is valid)."""
+        n = int(self.valid.sum())
+        return float(self.forest.sum() / n) if n else float("nan")
+
+
+def ndvi_forest_mask(
+    image: Any,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    threshold: float = 0.6,
+    red: str | int = "red",
+    nir: str | int = "nir",
+    band_names: Sequence[str] | None = None,
+    nodata: float | None = None,
+    assume_crs: Any = None,
+) -> NDVIForest:
+    """Date-1 forest mask from the red and near-infrared bands of an image: ``NDVI >= threshold``.
+
+    For imagery without a canopy-height model (Landsat, Sentinel-2); the mask goes to
+    :func:`~dinov3geo.tasks.change.detect.detect_change` as ``forest_mask``. The threshold depends on the
+    data: about 0.6-0.7 for surface reflectance of closed tropical forest; stretched 8-bit visualisation
+    composites (e.g. the bundled Pucallpa Landsat composites) saturate NDVI and need a higher one (~0.78
+    there, chosen from the NDVI histogram, whose intact-forest mode lies at 0.80-0.86).
+
+    Args:
+        image: a raster file, band folder or STAC item (anything :func:`dinov3geo.io.open_scene` opens).
+        out: optional output COG (uint8: 1 = forest, 0 = not forest, 255 = nodata), written atomically.
+        threshold: NDVI threshold (forest when ``NDVI >= threshold``), in ``[-1, 1]``.
+        red, nir: the red and NIR bands (names or aliases such as ``B04``/``B08``, or 1-based positions).
+        band_names: names of the bands of a multi-band file without band descriptions
+            (e.g. ``["swir16", "nir", "red", "green"]``).
+        nodata: nodata override for files that declare none or a wrong one.
+        assume_crs: CRS for files without one.
+
+    Raises:
+        ValueError: the threshold is outside ``[-1, 1]``, or a band is missing (the message lists the bands).
+    """
+    if not -1.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"NDVI threshold must lie in [-1, 1], got {threshold}")
+    scene = open_scene(image, band_names=band_names, nodata=nodata, crs=assume_crs)
+    try:
+        sel = open_scene(image, bands=[red, nir], band_names=band_names, nodata=nodata, crs=assume_crs)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the bands there are
+        raise ValueError(f"{image}: cannot find the red band {red!r} and the NIR band {nir!r} (bands: "
+                         f"{list(scene.band_names)}; {e}); pass red=/nir= (band names or 1-based indices), or "
+                         "band_names=[...] for a file without band names") from e
+    chip = sel.read(fill=0)
+    r, n = chip.data[0].astype(np.float32), chip.data[1].astype(np.float32)
+    v = np.asarray(chip.valid, bool)
+    nd = ndvi(r, n)
+    v &= np.isfinite(nd)
+    nd[~v] = np.nan
+    forest = v & (nd >= threshold)
+    path = None
+    if out is not None:
+        from dinov3geo.io.cog import write_cog
+
+        arr = np.full(forest.shape, 255, np.uint8)
+        arr[v] = forest[v]
+        path = write_cog(out, arr, scene.grid, nodata=255, band_names=["forest"], overview_resampling="nearest",
+                         tags={"dinov3geo_task": "forest_mask", "rule": f"NDVI >= {threshold:g}",
+                               "source": os.fspath(image) if isinstance(image, str | os.PathLike) else ""})
+    return NDVIForest(forest, v, nd, scene.grid, float(threshold), path)
 
 
 def read_on_grid(path: Any, grid: GridSpec, *, resampling: str = "bilinear", assume_crs: Any = None,

@@ -114,6 +114,27 @@ def _metrics(m: dict[str, Any], seconds: float) -> dict[str, Any]:
     return out
 
 
+def _aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method and metric: (mean, std) over the seeds."""
+    out: dict[str, dict[str, Any]] = {}
+    for method in runs[0]:
+        if not isinstance(runs[0][method], dict) or "mae" not in runs[0][method]:
+            continue
+        out[method] = {}
+        for k, v in runs[0][method].items():
+            vals = [r[method][k] for r in runs if isinstance(r[method].get(k), int | float)]
+            if isinstance(v, int | float) and len(vals) == len(runs):
+                out[method][k] = (float(np.mean(vals)), float(np.std(vals)))
+    return out
+
+
+def _fmt_ms(v: Any) -> str:
+    if v is None:
+        return "–"
+    mean, std = v
+    return f"{mean:.2f}" if std == 0 else f"{mean:.2f} ± {std:.2f}"
+
+
 def _fmt(v: Any) -> str:
     return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -129,15 +150,16 @@ def main() -> int:
     ap.add_argument("--block", type=int, default=96, help="split block side (px)")
     ap.add_argument("--buffer", type=int, default=16, help="gap between splits (px)")
     ap.add_argument("--tile", type=int, default=64)
-    ap.add_argument("--stride", type=int, default=16, help="training tile stride (px)")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--stride", type=int, default=32, help="training tile stride (px)")
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--bins", type=int, default=64)
-    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=32)
     ap.add_argument("--no-augment", action="store_true")
     ap.add_argument("--eval-window", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="first seed (split + training)")
+    ap.add_argument("--seeds", type=int, default=3, help="repeat with seeds seed..seed+N-1; mean ± std reported")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/dinov3geo-canopy-quality"))
     ap.add_argument("--json", type=Path, default=None)
@@ -155,17 +177,23 @@ def main() -> int:
     backbones = {"SSL": args.backbone}
     if not args.no_random:
         backbones["random-init"] = random_copy(args.backbone, args.workdir / "random_backbone.pth", args.seed)
-    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "sites": {}}
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "sites": {}, "runs": {}}
+    first = args.seed
     for site in args.sites:
-        results["sites"][site] = run_site(site, args, backbones, args.workdir)
-    print("\n| site | method | MAE (m) | RMSE (m) | R² | bias (m) | block R² | IoU ≥2 m | IoU ≥5 m | s |")
+        runs = []
+        for seed in range(first, first + args.seeds):
+            args.seed = seed
+            runs.append(run_site(site, args, backbones, args.workdir / f"seed{seed}"))
+        results["runs"][site] = runs
+        results["sites"][site] = _aggregate(runs)
+    args.seed = first
+    cols = ("mae", "rmse", "r2", "bias", "block_r2", "iou_2m", "iou_5m", "seconds")
+    print(f"\n{args.seeds} seed(s); mean ± std over seeds where > 1")
+    print("| site | method | MAE (m) | RMSE (m) | R² | bias (m) | block R² (20 px) | IoU ≥2 m | IoU ≥5 m | s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for site, rows in results["sites"].items():
         for method, m in rows.items():
-            if not isinstance(m, dict) or "mae" not in m:
-                continue
-            print(f"| {site} | {method} | " + " | ".join(
-                _fmt(m[k]) for k in ("mae", "rmse", "r2", "bias", "block_r2", "iou_2m", "iou_5m", "seconds")) + " |")
+            print(f"| {site} | {method} | " + " | ".join(_fmt_ms(m.get(k)) for k in cols) + " |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
     return 0

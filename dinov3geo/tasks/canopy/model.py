@@ -100,7 +100,13 @@ class CanopyHeightModel(nn.Module):
         if int(getattr(head, "in_channels", backbone.embed_dim)) != backbone.embed_dim:
             raise ValueError(f"head takes {head.in_channels} channels, backbone gives {backbone.embed_dim}")
         n_levels = int(getattr(head, "n_levels", 4))
-        self.layers = list(layers) if layers is not None else default_layers(len(backbone.blocks), n_levels)
+        depth = len(backbone.blocks)
+        if layers is not None:
+            self.layers = [int(i) for i in layers]
+        elif depth >= n_levels:
+            self.layers = default_layers(depth, n_levels)
+        else:  # shallow backbones: evenly spaced taps with repeats (each block runs once, see forward_features)
+            self.layers = [round(i * (depth - 1) / max(n_levels - 1, 1)) for i in range(n_levels)]
         if len(self.layers) < n_levels:
             raise ValueError(f"the head takes {n_levels} levels but only layers {self.layers} are tapped")
         self.patch_size = int(backbone.patch_size)
@@ -137,10 +143,10 @@ class CanopyHeightModel(nn.Module):
         """Pad and run the backbone: one ``(patch_map [B, D, h, w], cls [B, D])`` per tapped layer."""
         x = pad_to_patch_multiple(x.to(self.dtype), self.pad_multiple)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_backbone):
-            out = self.backbone.get_intermediate_layers(
-                x, n=self.layers, reshape=True, return_class_token=True, norm=True
-            )
-        return [(p, c) for p, c in out]
+            unique = sorted(set(self.layers))
+            out = self.backbone.get_intermediate_layers(x, n=unique, reshape=True, return_class_token=True, norm=True)
+        by_layer = dict(zip(unique, out, strict=True))
+        return [by_layer[i] for i in self.layers]
 
     def forward_head(
         self, features: Sequence[tuple[Tensor, Tensor]], out_hw: tuple[int, int], return_logits: bool = False

@@ -127,6 +127,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str | None = "auto"  #: autocast for the backbone: auto (bf16 on CUDA) | bf16 | none
     seed: int = 0
+    prior_init: bool = True  #: start the output layer at the training-label distribution (see init_output_prior)
     eval_window: int = 256  #: inference-engine window for the final test evaluation
 
 
@@ -275,6 +276,40 @@ def _normalise(img: np.ndarray, value_scale: float, mean: Sequence[float] | None
     return x
 
 
+def train_windows(split: SpatialSplit, name: str, tile: int, stride: int) -> list[tuple[int, int]]:
+    """Top-left corners of ``tile`` windows lying fully inside split ``name``.
+
+    The global ``stride`` lattice (:meth:`SpatialSplit.tiles`) plus, for every block of the split, a lattice
+    anchored at the block's own top-left corner (after the buffer margin), so every block whose interior holds
+    a tile contributes tiles even when the global lattice misses it.
+    """
+    mask = split.mask(name)
+    h, w = mask.shape
+    integral = np.zeros((h + 1, w + 1), dtype=np.int64)
+    integral[1:, 1:] = mask.astype(np.int64).cumsum(0).cumsum(1)
+
+    def inside(r: int, c: int) -> bool:
+        if r < 0 or c < 0 or r + tile > h or c + tile > w:
+            return False
+        s = integral[r + tile, c + tile] - integral[r, c + tile] - integral[r + tile, c] + integral[r, c]
+        return bool(s == tile * tile)
+
+    out = {(int(t.row_off), int(t.col_off)) for t in split.tiles(name, tile, stride)}
+    k = split.names.index(name)
+    for bi, bj in zip(*np.nonzero(split.assignment == k), strict=True):
+        r0, c0 = int(bi) * split.block, int(bj) * split.block
+        r1, c1 = min(r0 + split.block, h), min(c0 + split.block, w)
+        rows = np.flatnonzero(mask[r0:r1, c0:c1].any(axis=1))
+        cols = np.flatnonzero(mask[r0:r1, c0:c1].any(axis=0))
+        if rows.size == 0 or cols.size == 0:
+            continue
+        for r in range(r0 + int(rows[0]), r1, stride):
+            for c in range(c0 + int(cols[0]), c1, stride):
+                if inside(r, c):
+                    out.add((r, c))
+    return sorted(out)
+
+
 def _cut_tiles(
     pair: ImageCHMPair, split: SpatialSplit, name: str, tile: int, stride: int, min_valid: float,
     norm: tuple[float, Sequence[float] | None, Sequence[float] | None],
@@ -290,7 +325,7 @@ def _cut_tiles(
         return None
     img = _normalise(pair.image, *norm)
     if name == "train":
-        windows = [(int(w.row_off), int(w.col_off)) for w in split.tiles(name, tile, stride)]
+        windows = train_windows(split, name, tile, stride)
         area = None
     else:
         area = split.mask(name)
@@ -341,6 +376,40 @@ def build_model(cfg: CanopyTrainConfig, backbone: torch.nn.Module) -> CanopyHeig
         if m.output == "bins":
             bins = HeightBins(m.n_bins, strategy=m.bins, norm=m.bin_norm, max_height=m.max_height)
     return CanopyHeightModel(backbone, head, bins, m.layers)
+
+
+def _output_layer(head: torch.nn.Module) -> torch.nn.Conv2d | None:
+    if isinstance(head, DPTHead):
+        return head.conv_depth.head[-1]
+    return getattr(head, "out", None)
+
+
+@torch.no_grad()
+def init_output_prior(model: CanopyHeightModel, heights: Tensor, valid: Tensor) -> None:
+    """Start the head at the training-label distribution instead of a uniform one.
+
+    Binned heads: the output bias becomes ``log`` of the mean two-hot encoding of the training heights (softmax
+    normalisation) and the output weights are scaled down, so the first prediction is the label prior and the
+    features only have to explain deviations from it; regression heads: the bias gives the mean height.
+    Without this, a 64-bin softmax over 0-96 m starts at ~30 m everywhere and small heads need many epochs to
+    come down.
+    """
+    layer = _output_layer(model.head)
+    h = heights[valid & torch.isfinite(heights)]
+    if layer is None or layer.bias is None or h.numel() == 0:
+        return
+    layer.weight.mul_(0.1)
+    if model.bins is None:
+        scale = float(getattr(model.head, "height_scale", 1.0))
+        mean = max(float(h.mean()) / scale, 1e-3)
+        layer.bias.fill_(math.log(math.expm1(mean)))  # inverse softplus
+        return
+    prior = model.bins.encode(h[None, None, :]).reshape(model.bins.n_bins, -1).mean(dim=1)
+    prior = (prior + 1e-4) / (prior + 1e-4).sum()
+    if model.bins.norm == "softmax":
+        layer.bias.copy_(prior.log().to(layer.bias))
+    else:  # ReLU-linear normalisation: probabilities proportional to the (positive) logits
+        layer.bias.copy_((prior * model.bins.n_bins).to(layer.bias))
 
 
 @torch.no_grad()
@@ -473,6 +542,8 @@ def train_canopy(config: CanopyTrainConfig | str | os.PathLike[str] | dict[str, 
         if val is not None:
             _cache(model, val, 1, tc.batch_size, device, amp, cache_dtype, "caching val features", progress)
     train.views = views
+    if tc.prior_init:
+        init_output_prior(model, train.heights, train.valid)
 
     # ---- optimiser, resume
     params = [p for p in model.head.parameters() if p.requires_grad]

@@ -109,3 +109,22 @@ def test_predict_canopy_nodata_and_crs(shared_data: Path, tmp_path: Path) -> Non
         assert np.isnan(h[:20, :20]).all()
         assert np.isfinite(h[30:, 30:]).all() and (h[30:, 30:] >= 0).all()
         assert np.isfinite(ds.read(2)[30:, 30:]).all()
+
+
+def test_train_windows_inside_split_and_cover_every_block() -> None:
+    from dinov3geo.tasks.canopy.splits import block_split
+    from dinov3geo.tasks.canopy.train import train_windows
+
+    for seed in range(4):
+        sp = block_split((218, 287), block=96, fractions={"train": 0.6, "val": 0.2, "test": 0.2}, buffer=16,
+                         seed=seed)
+        mask = sp.mask("train")
+        wins = train_windows(sp, "train", 64, 32)
+        assert set(wins) >= {(int(w.row_off), int(w.col_off)) for w in sp.tiles("train", 64, 32)}
+        for r, c in wins:
+            assert mask[r:r + 64, c:c + 64].all()
+        # every full-size train block whose interior holds a tile contributes at least one
+        for bi, bj in zip(*((sp.assignment == 0).nonzero()), strict=True):
+            r0, c0 = bi * 96, bj * 96
+            if r0 + 96 <= 218 and c0 + 96 <= 287:
+                assert any(r0 <= r < r0 + 96 and c0 <= c < c0 + 96 for r, c in wins), (seed, bi, bj)

@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
         help="DINOv3 self-supervised pretraining on a tile store (Lightning; CPU, GPU, multi-node)",
-        description="Run a pretraining stage. The config is a YAML file (see pipelines/pretrain_satellite.yaml, "
+        description="Run a pretraining stage. The config is a YAML file (see pipelines/configs/pretrain_satellite.yaml, "
         "every key documented; unknown keys are errors). Multi-GPU / multi-node: set train.devices, "
         "train.num_nodes and train.strategy and launch with torchrun or SLURM.",
     )

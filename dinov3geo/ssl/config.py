@@ -4,7 +4,7 @@ The sections mirror Meta's ``ssl_default_config.yaml`` (``student``, ``crops``, 
 ``optim``, ``schedules``, ``train``) with the same key names where a key exists there, so a DINOv3 user can
 read a dinov3geo config at a glance; ``data`` is ours (the tile store). Iterations replace epochs (one
 "epoch" of the official configs is ``OFFICIAL_EPOCH_LENGTH`` iterations anyway). Every key is documented in
-``pipelines/pretrain_satellite.yaml``.
+``pipelines/configs/pretrain_satellite.yaml``.
 """
 
 from __future__ import annotations

@@ -220,7 +220,7 @@ def test_pretrain_stage_plans_every_stage_of_a_staged_config() -> None:
     from dinov3geo.pipelines.stages import _pretrain_outputs
 
     root = Path(__file__).resolve().parents[2]
-    params = {"config": str(root / "pipelines" / "pretrain_satellite.yaml"), "stage": "all",
+    params = {"config": str(root / "pipelines" / "configs" / "pretrain_satellite.yaml"), "stage": "all",
               "store": "t.zarr", "output_dir": "runs/x"}
     assert _pretrain_outputs(params) == [f"runs/x/{s}/backbone.pth" for s in ("pretrain", "gram", "highres")]
     assert _pretrain_outputs({**params, "stage": "gram"}) == ["runs/x/backbone.pth"]
@@ -232,10 +232,10 @@ def test_pretrain_stage_plans_every_stage_of_a_staged_config() -> None:
 
 def test_repository_pipelines_validate() -> None:
     root = Path(__file__).resolve().parents[2]
-    files = sorted((root / "pipelines").glob("*.yaml"))
-    runner_files = [f for f in files if "stages" in (yaml.safe_load(f.read_text()) or {})]
-    assert any(f.name == "demo.yaml" for f in runner_files)
-    for f in runner_files:
+    files = sorted((root / "pipelines").glob("*.yaml"))  # stage configs live in pipelines/configs/
+    assert {f.name for f in files} >= {"demo.yaml", "pretrain_satellite.yaml", "canopy_height_region.yaml",
+                                       "deforestation.yaml"}
+    for f in files:
         p = load_pipeline(f)
         assert p.stages, f
 

@@ -214,7 +214,7 @@ def test_demo_pipeline_shape() -> None:
     # the staged demo config: every stage's warmup/cosine lengths fit its iterations
     from dinov3geo.ssl.config import load_config
 
-    raw = yaml.safe_load((ROOT / "pipelines/demo_pretrain.yaml").read_text())
+    raw = yaml.safe_load((ROOT / "pipelines/configs/demo_pretrain.yaml").read_text())
     assert [s for s in ("pretrain", "gram", "highres") if s in raw] == ["pretrain", "gram", "highres"]
     for stage in ("pretrain", "gram", "highres"):
         cfg = load_config(raw, section=stage)

@@ -77,7 +77,7 @@ def _keys(obj, prefix=""):
 
 
 def test_pipeline_yaml_documents_every_key():
-    path = ROOT / "pipelines" / "pretrain_satellite.yaml"
+    path = ROOT / "pipelines" / "configs" / "pretrain_satellite.yaml"
     raw = yaml.safe_load(path.read_text())
     assert set(raw) <= {"common", *STAGES}
 

@@ -719,6 +719,12 @@ def predict_raster(
     aoi_geom = None
     if aoi is not None:
         aoi_geom = aoi_geometry(aoi, src.grid.crs, src_crs=aoi_crs)
+        if not aoi_geom.intersects(shapely.box(*src.grid.bounds)):
+            raise ValueError(
+                f"the AOI {aoi if isinstance(aoi, str | os.PathLike) else '(geometry)'} does not overlap the input "
+                f"(input bounds {tuple(round(v, 3) for v in src.grid.bounds)} in {src.grid.crs}; AOI bounds there "
+                f"{tuple(round(v, 3) for v in aoi_geom.bounds)}): check the AOI file and its CRS"
+            )
     parts = parts_dir(out)
     dev = resolve_device(device)
     amp_name = None if resolve_amp(amp, dev) is None else str(resolve_amp(amp, dev)).replace("torch.", "")

@@ -113,7 +113,8 @@ class Scene:
         return tuple(dict.fromkeys(b.path for b in self.bands))
 
     def band(self, key: str | int) -> Band:
-        """Band by name/alias (case-insensitive) or by 1-based position."""
+        """Band by name/alias (case-insensitive) or by 1-based position (an int, or a string of digits such as
+        ``"2"`` from a command line when no band has that name)."""
         if isinstance(key, int) and not isinstance(key, bool):
             if 1 <= key <= len(self.bands):
                 return self.bands[key - 1]
@@ -121,6 +122,8 @@ class Scene:
             for b in self.bands:
                 if b.matches(str(key)):
                     return b
+            if str(key).strip().isdigit() and 1 <= int(key) <= len(self.bands):
+                return self.bands[int(key) - 1]
         raise BandNotFoundError(self.id, key, list(self.band_names))
 
     def select(self, keys: Sequence[str | int]) -> Scene:

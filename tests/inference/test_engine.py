@@ -139,6 +139,12 @@ def test_aoi_in_another_crs_masks_output_and_skips_windows(tmp_path: Path) -> No
     np.testing.assert_allclose(got[inside], ref[inside], rtol=2e-6)
     assert model.windows == 9  # of 25: windows away from the circle are never read
 
+    far = tmp_path / "far.geojson"   # an AOI elsewhere on Earth is an error, not an empty map
+    gpd.GeoDataFrame(geometry=[shapely.Point(10.0, 46.0).buffer(0.01)], crs="EPSG:4326").to_file(far)
+    with pytest.raises(ValueError, match="does not overlap the input"):
+        predict_raster(model, src, tmp_path / "out_far.tif", aoi=far, **RUN)
+    assert not (tmp_path / "out_far.tif").exists()
+
 
 # ---------------------------------------------------------------------------------------------- resume
 def test_crash_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:

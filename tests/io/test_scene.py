@@ -145,6 +145,9 @@ def test_band_names_and_selection(make_raster):
     p = make_raster("x.tif", np.zeros((4, 8, 8), np.uint8))
     sc = open_scene(p, band_names=["red", "green", "blue", "nir"])
     assert sc.select(["nir", "b1"]).band_names == ("nir", "red")
+    assert sc.select(["4", 2, " 1"]).band_names == ("nir", "green", "red")   # digit strings from a CLI
+    with pytest.raises(BandNotFoundError, match="'5'"):
+        sc.select(["5"])
     with pytest.raises(BandNotFoundError, match="swir16"):
         open_scene(p, bands=["swir16"])
     with pytest.raises(ValueError, match="band_names"):

@@ -73,6 +73,7 @@ def predict_canopy(
     amp: str | bool | None = "auto",
     resample_to_model_gsd: bool = True,
     gsd_tolerance: float = 0.1,
+    max_resample_factor: float = 4.0,
     grid: GridSpec | None = None,
     resume: bool = True,
     progress: bool = True,
@@ -92,7 +93,7 @@ def predict_canopy(
         bands: input bands (default: the model's bands when the image names them, else all).
         window, overlap, batch_size, device, amp, resume, progress, engine_kwargs: see ``predict_raster``.
         resample_to_model_gsd: read the image at the model's training GSD when it differs by more than
-            ``gsd_tolerance`` (relative).
+            ``gsd_tolerance`` (relative); a factor beyond ``max_resample_factor`` either way is an error.
         grid: explicit grid to read the image on (overrides the GSD logic).
 
     Returns:
@@ -111,6 +112,12 @@ def predict_canopy(
         scene = open_scene(image, bands=bands)
         res = min(scene.grid.res)
         if scene.grid.crs.is_projected and abs(res - gsd) > gsd_tolerance * gsd:
+            if not 1 / max_resample_factor <= res / gsd <= max_resample_factor:
+                raise ValueError(
+                    f"{image} has {res:.3g} m pixels but the model was trained at {gsd:.3g} m: resampling by "
+                    f"{res / gsd:.3g}x would invent (or throw away) detail. Use imagery near {gsd:.3g} m, or map at "
+                    "the image's own resolution anyway with resample_to_model_gsd=False (--keep-resolution)"
+                )
             log.warning("%s has %.3g m pixels; the model was trained at %.3g m: reading it at %.3g m",
                         image, res, gsd, gsd)
             grid = target_grid(scene.grid, res=gsd)

@@ -128,3 +128,11 @@ def test_train_windows_inside_split_and_cover_every_block() -> None:
             r0, c0 = bi * 96, bj * 96
             if r0 + 96 <= 218 and c0 + 96 <= 287:
                 assert any(r0 <= r < r0 + 96 and c0 <= c < c0 + 96 for r, c in wins), (seed, bi, bj)
+
+
+def test_predict_refuses_absurd_resampling(shared_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    train_canopy(_config(shared_data, out, epochs=1), progress=False)   # model trained at 1 m
+    naip = next((shared_data / "aerial_timeseries/naip_m_4709963_se_14").glob("*2009*.tif"))  # 5 m pixels
+    with pytest.raises(ValueError, match="keep-resolution"):
+        predict_canopy(out / "model.pt", naip, tmp_path / "x.tif", bands=["1", "2", "3"], progress=False)

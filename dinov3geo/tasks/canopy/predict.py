@@ -93,7 +93,8 @@ def predict_canopy(
         bands: input bands (default: the model's bands when the image names them, else all).
         window, overlap, batch_size, device, amp, resume, progress, engine_kwargs: see ``predict_raster``.
         resample_to_model_gsd: read the image at the model's training GSD when it differs by more than
-            ``gsd_tolerance`` (relative); a factor beyond ``max_resample_factor`` either way is an error.
+            ``gsd_tolerance`` (relative); upsampling a coarser image by more than ``max_resample_factor`` is an error (downsampling a finer one,
+            by averaging, is always allowed).
         grid: explicit grid to read the image on (overrides the GSD logic).
 
     Returns:
@@ -112,11 +113,11 @@ def predict_canopy(
         scene = open_scene(image, bands=bands)
         res = min(scene.grid.res)
         if scene.grid.crs.is_projected and abs(res - gsd) > gsd_tolerance * gsd:
-            if not 1 / max_resample_factor <= res / gsd <= max_resample_factor:
+            if res / gsd > max_resample_factor:
                 raise ValueError(
-                    f"{image} has {res:.3g} m pixels but the model was trained at {gsd:.3g} m: resampling by "
-                    f"{res / gsd:.3g}x would invent (or throw away) detail. Use imagery near {gsd:.3g} m, or map at "
-                    "the image's own resolution anyway with resample_to_model_gsd=False (--keep-resolution)"
+                    f"{image} has {res:.3g} m pixels but the model was trained at {gsd:.3g} m: upsampling by "
+                    f"{res / gsd:.3g}x would invent detail the image does not have. Use imagery near {gsd:.3g} m, or "
+                    "map at the image's own resolution anyway with resample_to_model_gsd=False (--keep-resolution)"
                 )
             log.warning("%s has %.3g m pixels; the model was trained at %.3g m: reading it at %.3g m",
                         image, res, gsd, gsd)

@@ -179,7 +179,7 @@ def _resolve_vars(raw_vars: dict[str, Any], base: dict[str, Any], where: str) ->
 
 def _check_types(kind: StageKind, params: dict[str, Any], where: str) -> dict[str, Any]:
     """Light type check of YAML values against the stage function's annotations (ints accepted as floats)."""
-    from dinov3geo.ssl.config import ConfigError, _check_type
+    from dinov3geo.utils.config import ConfigError, check_type
 
     try:
         hints = typing.get_type_hints(kind.func)
@@ -188,7 +188,7 @@ def _check_types(kind: StageKind, params: dict[str, Any], where: str) -> dict[st
     out = {}
     for k, v in params.items():
         try:
-            out[k] = _check_type(v, hints[k], k) if k in hints else v
+            out[k] = check_type(v, hints[k], k) if k in hints else v
         except ConfigError as e:
             raise PipelineError(f"{where}: parameter {k!r}: {str(e).split(': ', 1)[-1]}") from e
     return out

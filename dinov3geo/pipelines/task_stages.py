@@ -71,8 +71,8 @@ def _remove(paths: Sequence[str | os.PathLike[str]]) -> None:
 # ------------------------------------------------------------------------------------------ canopy_train
 def _canopy_cfg(params: Mapping[str, Any]) -> Any:
     """The :class:`CanopyTrainConfig` of a canopy_train stage's parameters (PipelineError naming the key)."""
-    from dinov3geo.ssl.config import ConfigError
     from dinov3geo.tasks.canopy.train import load_canopy_config
+    from dinov3geo.utils.config import ConfigError
 
     config = params["config"]
     if isinstance(config, str) and not Path(config).is_file():

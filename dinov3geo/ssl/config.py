@@ -10,20 +10,16 @@ read a dinov3geo config at a glance; ``data`` is ours (the tile store). Iteratio
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dinov3geo.utils.config import ConfigError, apply_overrides, from_dict
+
 #: Stage sections a multi-stage config file may hold (next to ``common:``), in run order.
 STAGES: tuple[str, ...] = ("pretrain", "gram", "highres", "distill")
-
-
-class ConfigError(ValueError):
-    """A configuration key is unknown, mistyped or inconsistent (the message names the key)."""
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -193,85 +189,6 @@ class SSLConfig:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def _is_dataclass_type(t: Any) -> bool:
-    return isinstance(t, type) and dataclasses.is_dataclass(t)
-
-
-def _check_type(value: Any, tp: Any, key: str) -> Any:
-    """Light type check/coercion of YAML scalars (ints for floats, etc.)."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _check_type(value, a, key)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"config key {key!r}: value {value!r} does not match {tp}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
-        (inner,) = typing.get_args(tp) or (Any,)
-        return [_check_type(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def from_dict(cls: type, d: dict[str, Any] | None, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping; unknown keys raise :class:`ConfigError` naming the key."""
-    d = d or {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {d!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys here: {sorted(names)}"
-        )
-    kwargs = {}
-    for k, v in d.items():
-        tp = hints[k]
-        kwargs[k] = from_dict(tp, v, f"{prefix}{k}.") if _is_dataclass_type(tp) else _check_type(v, tp, prefix + k)
-    return cls(**kwargs)
-
-
-def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    cur = d
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
-        if not isinstance(cur, dict):
-            raise ConfigError(f"cannot set {dotted!r}: {p!r} is not a section")
-    cur[parts[-1]] = value
-
-
 def load_config(
     source: str | Path | dict[str, Any] | None = None, overrides: list[str] | None = None, section: str | None = None
 ) -> SSLConfig:
@@ -297,11 +214,7 @@ def load_config(
         if section not in raw:
             raise ConfigError(f"no stage {section!r} in the config (stages: {[k for k in raw if k != 'common']})")
         raw = _deep_merge(raw.get("common", {}) or {}, raw[section] or {})
-    for ov in overrides or []:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} must look like key.sub=value")
-        k, v = ov.split("=", 1)
-        _set_dotted(raw, k.strip(), yaml.safe_load(v))
+    apply_overrides(raw, overrides or [])
     return from_dict(SSLConfig, raw)
 
 

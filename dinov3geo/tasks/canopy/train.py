@@ -43,7 +43,6 @@ from torch import Tensor
 from dinov3geo.inference.engine import resolve_amp, resolve_device
 from dinov3geo.models import load_backbone
 from dinov3geo.models.registry import build_backbone
-from dinov3geo.ssl.config import ConfigError, _set_dotted, from_dict
 from dinov3geo.tasks.canopy.bins import HeightBins
 from dinov3geo.tasks.canopy.dpt import DPTHead
 from dinov3geo.tasks.canopy.heads import LightHead
@@ -52,6 +51,7 @@ from dinov3geo.tasks.canopy.metrics import CanopyMetricAccumulator
 from dinov3geo.tasks.canopy.model import CanopyHeightModel, save_canopy_model
 from dinov3geo.tasks.canopy.splits import SpatialSplit, block_split
 from dinov3geo.utils.atomic import atomic_path
+from dinov3geo.utils.config import ConfigError, apply_overrides, from_dict
 from dinov3geo.utils.progress import progress_bar
 
 log = logging.getLogger("dinov3geo.canopy")
@@ -168,11 +168,7 @@ def load_canopy_config(
             raise ConfigError(f"canopy config {what!r} not found") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{what}: a canopy config must be a mapping of sections, got {type(raw).__name__}")
-    for ov in overrides or []:
-        if "=" not in ov:
-            raise ConfigError(f"override {ov!r} must look like section.key=value")
-        k, v = ov.split("=", 1)
-        _set_dotted(raw, k.strip(), yaml.safe_load(v))
+    apply_overrides(raw, overrides or [])
     try:
         cfg = from_dict(CanopyTrainConfig, raw)
     except ConfigError as e:

@@ -25,6 +25,7 @@ to ``output``. Configs are YAML (``yaml.safe_load``); unknown keys are errors na
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -54,6 +55,7 @@ from dinov3geo.tasks.change.datasets import (
 from dinov3geo.tasks.change.head import ChangeHead, ChangeModel, ChangeRasterModel, save_change_model
 from dinov3geo.tasks.change.metrics import ConfusionMatrix, ThresholdSearch
 from dinov3geo.tasks.change.zeroshot import check_bands, resolve_layers
+from dinov3geo.utils.config import apply_overrides, from_dict
 
 log = logging.getLogger("dinov3geo.change")
 
@@ -140,23 +142,6 @@ class ChangeTrainConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if raw is None:
-        return cls()
-    if not isinstance(raw, Mapping):
-        raise ValueError(f"config section {where or 'top level'!r} must be a mapping, got {type(raw).__name__}")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    kw: dict[str, Any] = {}
-    for k, v in raw.items():
-        if k not in names:
-            key = f"{where}.{k}" if where else str(k)
-            raise ValueError(f"unknown config key {key!r}; known keys{' in ' + where if where else ''}: "
-                             f"{sorted(names)}")
-        sub = {"data": DataConfig, "backbone": BackboneSection, "head": HeadSection, "train": TrainSection}
-        kw[k] = _build(sub[k], v, k) if cls is ChangeTrainConfig and k in sub else v
-    return cls(**kw)
-
-
 _ENTRY_KEYS = {
     "oscd": {"kind", "path", "bands", "name"},
     "levir": {"kind", "path", "names"},
@@ -202,18 +187,9 @@ def load_change_config(source: str | os.PathLike[str] | Mapping[str, Any] | Chan
             raw = yaml.safe_load(f) or {}
         if not isinstance(raw, Mapping):
             raise ValueError(f"{base}: the config must be a YAML mapping")
-    raw = _deep_copy(raw)
-    for ov in overrides:
-        if "=" not in ov:
-            raise ValueError(f"override {ov!r} must look like section.key=value")
-        key, val = ov.split("=", 1)
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(val)
+    raw = apply_overrides(copy.deepcopy(dict(raw)), overrides)
     try:
-        cfg = _build(ChangeTrainConfig, raw, "")
+        cfg = from_dict(ChangeTrainConfig, raw)
     except ValueError as e:
         raise ValueError(f"{base}: {e}" if base else str(e)) from None
     cfg.data.train = _check_entries(cfg.data.train, "data.train")
@@ -236,14 +212,6 @@ def load_change_config(source: str | os.PathLike[str] | Mapping[str, Any] | Chan
     if not 0 < cfg.data.val_fraction < 1:
         raise ValueError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     return cfg
-
-
-def _deep_copy(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {k: _deep_copy(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_deep_copy(v) for v in x]
-    return x
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -10,10 +10,10 @@ import pytest
 import rasterio
 import torch
 
-from dinov3geo.ssl.config import ConfigError
 from dinov3geo.tasks.canopy.model import load_canopy_model
 from dinov3geo.tasks.canopy.predict import predict_canopy
 from dinov3geo.tasks.canopy.train import canopy_loss, load_canopy_config, train_canopy
+from dinov3geo.utils.config import ConfigError
 
 NEON = "aerial_rgb_chm/neon_bart_2019"
 RGB = "2019_BART_5_320000_4881000_image_crop.tif"

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from dinov3geo.inference.engine import resolve_amp, resolve_device
 from dinov3geo.models import load_backbone
+from dinov3geo.models.normalization import normalize
 from dinov3geo.models.registry import build_backbone
 from dinov3geo.tasks.canopy.bins import HeightBins
 from dinov3geo.tasks.canopy.dpt import DPTHead
@@ -264,12 +265,12 @@ def _pair_name(p: dict[str, Any]) -> str:
 
 
 def _normalise(img: np.ndarray, value_scale: float, mean: Sequence[float] | None, std: Sequence[float] | None) -> Tensor:
+    """``(img * value_scale - mean) / std`` as a float32 tensor (mean/std optional, e.g. no metadata)."""
     x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32)) * float(value_scale)
-    if mean is not None:
-        x = x - torch.tensor(list(mean), dtype=torch.float32)[:, None, None]
-    if std is not None:
-        x = x / torch.tensor(list(std), dtype=torch.float32)[:, None, None]
-    return x
+    if mean is None and std is None:
+        return x
+    n = x.shape[0]
+    return normalize(x, list(mean) if mean is not None else [0.0] * n, list(std) if std is not None else [1.0] * n)
 
 
 def train_windows(split: SpatialSplit, name: str, tile: int, stride: int) -> list[tuple[int, int]]:
@@ -307,8 +308,7 @@ def train_windows(split: SpatialSplit, name: str, tile: int, stride: int) -> lis
 
 
 def _cut_tiles(
-    pair: ImageCHMPair, split: SpatialSplit, name: str, tile: int, stride: int, min_valid: float,
-    norm: tuple[float, Sequence[float] | None, Sequence[float] | None],
+    pair: ImageCHMPair, img: Tensor, split: SpatialSplit, name: str, tile: int, stride: int, min_valid: float,
 ) -> _Tiles | None:
     """Tiles of split ``name``.
 
@@ -319,7 +319,6 @@ def _cut_tiles(
     """
     if name not in split.names:
         return None
-    img = _normalise(pair.image, *norm)
     if name == "train":
         windows = train_windows(split, name, tile, stride)
         area = None
@@ -519,8 +518,9 @@ def train_canopy(config: CanopyTrainConfig | str | os.PathLike[str] | dict[str, 
 
     train_parts, val_parts = [], []
     for _name, _, pair, split in pairs:
-        t = _cut_tiles(pair, split, "train", tc.tile, tc.stride, tc.min_valid, norm)
-        v = _cut_tiles(pair, split, "val", tc.tile, tc.stride, tc.min_valid / 2, norm)
+        img = _normalise(pair.image, *norm)  # once per pair; the tiles are views into it
+        t = _cut_tiles(pair, img, split, "train", tc.tile, tc.stride, tc.min_valid)
+        v = _cut_tiles(pair, img, split, "val", tc.tile, tc.stride, tc.min_valid / 2)
         train_parts += [t] if t is not None else []
         val_parts += [v] if v is not None else []
     if not train_parts:

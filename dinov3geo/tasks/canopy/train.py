@@ -530,6 +530,10 @@ def train_canopy(config: CanopyTrainConfig | str | os.PathLike[str] | dict[str, 
         )
     train = _concat(train_parts)
     val = _concat(val_parts) if val_parts else None
+    if val is None:
+        log.warning("no validation tiles (split.fractions has no 'val' share, or its blocks hold no %d px tile "
+                    "with %.0f %% labelled pixels): model.pt is the epoch with the lowest training loss",
+                    tc.tile, 50 * tc.min_valid)
     views = 8 if tc.augment else 1
     log.info("canopy training: %d train tiles (x%d views), %d val tiles of %d px; bands %s",
              train.images.shape[0], views, 0 if val is None else val.images.shape[0], tc.tile, bands)

@@ -105,12 +105,10 @@ def predict_canopy(
     dev = resolve_device(device)
     rm, gsd = canopy_raster_model(model, chmv2_backbone=chmv2_backbone, chmv2_head=chmv2_head, device=str(dev))
     meta = getattr(rm.model, "metadata", {}) or {}
-    if bands is None and meta.get("bands") and isinstance(image, str | os.PathLike):
-        names = list(open_scene(image).band_names)
-        if all(b in names for b in meta["bands"]):
-            bands = list(meta["bands"])
-    if grid is None and resample_to_model_gsd and gsd and isinstance(image, str | os.PathLike):
-        scene = open_scene(image, bands=bands)
+    scene = open_scene(image) if isinstance(image, str | os.PathLike) else None
+    if scene is not None and bands is None and meta.get("bands") and set(meta["bands"]) <= set(scene.band_names):
+        bands = list(meta["bands"])
+    if scene is not None and grid is None and resample_to_model_gsd and gsd:
         res = min(scene.grid.res)
         if scene.grid.crs.is_projected and abs(res - gsd) > gsd_tolerance * gsd:
             if res / gsd > max_resample_factor:

@@ -3,6 +3,7 @@ same global batch; and a 2-device Lightning DDP run of the CLI completes."""
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -95,6 +96,12 @@ def _worker(rank, world, store, out, init_file, state, result_file):
             grads[k] /= world
         if rank == 0:
             torch.save(grads, result_file)
+        # tear down in order: every rank done, the DDP reducer (which holds the process group and gloo
+        # threads) freed, then the group destroyed; a reducer collected after the group is gone aborts
+        # the process ("terminate called without an active exception")
+        dist.barrier()
+        del ddp
+        gc.collect()
     finally:
         dist.destroy_process_group()
 

@@ -124,22 +124,62 @@ def parts_dir(out_path: str | os.PathLike[str]) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _read_window(cfg: InferenceConfig, reader: WindowReader, i: int, j: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Data and validity (inside the AOI) of lattice window ``(i, j)``; None when nothing is valid."""
+_STRIP_BYTES = 64 * 2**20  # most input bytes read at once (a strip of neighbouring windows)
+
+_WindowData = tuple[tuple[int, int], np.ndarray, np.ndarray]
+
+
+def _strips(cfg: InferenceConfig, cells: Sequence[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """``cells`` (row-major) cut into runs of neighbouring windows of one lattice row, each read as one strip.
+
+    One read per strip instead of per window: overlapping windows share their pixels (each input pixel of a
+    row is read once, not up to twice) and GDAL copies one large window out of its block cache much faster
+    than many small misaligned ones (measured: 0.8 s vs 1.7 s of CPU for the 121 windows of a deflate 4096^2
+    raster). A strip holds at most ``_STRIP_BYTES`` of input.
+    """
+    src = cfg.source
+    per_window = len(src.band_names) * cfg.layout.window**2 * np.dtype(src.dtype).itemsize
+    max_n = max(1, int(_STRIP_BYTES // max(per_window * cfg.layout.stride / cfg.layout.window, 1)))
+    runs: list[list[tuple[int, int]]] = []
+    for cell in cells:
+        if runs and runs[-1][-1][0] == cell[0] and len(runs[-1]) < max_n:
+            runs[-1].append(cell)
+        else:
+            runs.append([cell])
+    return runs
+
+
+def _read_strip(cfg: InferenceConfig, reader: WindowReader,
+                cells: Sequence[tuple[int, int]]) -> list[_WindowData | None]:
+    """Data and validity (inside the AOI) of neighbouring windows of one lattice row, read as one strip.
+
+    Returns one entry per cell: ``(cell, data, valid)`` (``data`` a view into the strip), or None when the
+    window has no valid pixel inside the AOI.
+    """
     lay, grid = cfg.layout, cfg.source.grid
-    win = lay.input_window(i, j)
+    wins = [lay.input_window(*c) for c in cells]
+    c0 = min(int(w.col_off) for w in wins)
+    c1 = max(int(w.col_off + w.width) for w in wins)
+    r0, h = int(wins[0].row_off), int(wins[0].height)
+    strip = Window(c0, r0, c1 - c0, h)
     aoi = cfg.prepared_aoi()
-    wgrid = grid.window_grid(win)
-    if aoi is not None:
-        wbox = shapely.box(*wgrid.bounds)
-        if not aoi.intersects(wbox):
-            return None
-    data, valid = reader.read(win)
-    if aoi is not None and not aoi.contains(wbox):
-        valid &= aoi_mask(shapely.clip_by_rect(aoi, *wgrid.bounds), wgrid)
-    if not valid.any():
-        return None
-    return data, valid
+    if aoi is not None and not aoi.intersects(shapely.box(*grid.window_grid(strip).bounds)):
+        return [None] * len(cells)
+    data, valid = reader.read(strip)
+    out: list[_WindowData | None] = []
+    for cell, win in zip(cells, wins, strict=True):
+        cols = slice(int(win.col_off) - c0, int(win.col_off + win.width) - c0)
+        d, v = data[:, :, cols], valid[:, cols]
+        if aoi is not None:
+            wgrid = grid.window_grid(win)
+            wbox = shapely.box(*wgrid.bounds)
+            if not aoi.intersects(wbox):
+                out.append(None)
+                continue
+            if not aoi.contains(wbox):
+                v = v & aoi_mask(shapely.clip_by_rect(aoi, *wgrid.bounds), wgrid)
+        out.append((cell, d, v) if v.any() else None)
+    return out
 
 
 def _valid_out(valid: np.ndarray, scale: int) -> np.ndarray:
@@ -160,7 +200,8 @@ class _Batch:
 
 
 def _block_batches(
-    cfg: InferenceConfig, read: Callable[[tuple[int, int]], Any], bi: int, bj: int, map_fn: Callable[..., Iterator]
+    cfg: InferenceConfig, read_strip: Callable[[list[tuple[int, int]]], list[_WindowData | None]], bi: int, bj: int,
+    map_fn: Callable[..., Iterator]
 ) -> Iterator[_Batch]:
     """Batches of the non-empty windows of a block (batches never span blocks: results are deterministic)."""
     cells = cfg.layout.block_cells(bi, bj)
@@ -168,24 +209,29 @@ def _block_batches(
         win = cfg.layout.block_input_window(bi, bj)
         if not cfg.prepared_aoi().intersects(shapely.box(*cfg.source.grid.window_grid(win).bounds)):
             return
-    pending: list[tuple[tuple[int, int], np.ndarray, np.ndarray]] = []
+    pending: list[_WindowData] = []
     pin = torch.cuda.is_available() and resolve_device(cfg.device).type == "cuda"
 
     def make() -> _Batch:
-        x = torch.from_numpy(np.stack([p[1] for p in pending]).astype(np.float32, copy=False))
+        d0 = pending[0][1]
+        x = np.empty((len(pending), *d0.shape), dtype=np.float32)
+        for k, p in enumerate(pending):
+            x[k] = p[1]  # copy out of the strip and convert to float32 in one pass
+        xt = torch.from_numpy(x)
         v = torch.from_numpy(np.stack([p[2] for p in pending]))
         if pin:
-            x, v = x.pin_memory(), v.pin_memory()
+            xt, v = xt.pin_memory(), v.pin_memory()
         vo = np.stack([_valid_out(p[2], cfg.layout.scale) for p in pending])
-        return _Batch((bi, bj), [p[0] for p in pending], x, v, vo)
+        return _Batch((bi, bj), [p[0] for p in pending], xt, v, vo)
 
-    for cell, res in zip(cells, map_fn(read, cells), strict=True):
-        if res is None:
-            continue
-        pending.append((cell, res[0], res[1]))
-        if len(pending) == cfg.batch_size:
-            yield make()
-            pending = []
+    for results in map_fn(read_strip, _strips(cfg, cells)):
+        for res in results:
+            if res is None:
+                continue
+            pending.append(res)
+            if len(pending) == cfg.batch_size:
+                yield make()
+                pending = []
     if pending:
         yield make()
 
@@ -255,7 +301,7 @@ def _process_block(cfg: InferenceConfig, model: RasterModel, reader: WindowReade
     device = resolve_device(cfg.device)
     amp = resolve_amp(cfg.amp, device)
     acc = _Accumulator(cfg, block)
-    for batch in _block_batches(cfg, lambda cell: _read_window(cfg, reader, *cell), *block, map_fn=map):
+    for batch in _block_batches(cfg, lambda cells: _read_strip(cfg, reader, cells), *block, map_fn=map):
         y = _run_model(model, batch, device, amp, cfg.out_bands, cfg.layout.window_out)
         for k, cell in enumerate(batch.cells):
             acc.add(cell, y[k], batch.valid_out[k])
@@ -368,12 +414,19 @@ class _TileWriter:
                 del arr
         den = total[k]
         has = den > 0
-        out = np.divide(total[:k], den, out=np.zeros_like(total[:k]), where=has)
+        out = total[:k]  # finalised in place: no temporaries of the tile's size
+        np.divide(out, den, out=out, where=has)
         fill = self.nodata if self.nodata is not None else 0
+        empty = ~has if not has.all() else None
+        if empty is not None:
+            out[:, empty] = 0  # the sums there may hold NaN (a model's NaN times weight 0)
         if np.issubdtype(self.dtype, np.integer):
             info = np.iinfo(self.dtype)
-            out = np.clip(np.rint(out), info.min, info.max)
-        out = np.where(has, out, np.asarray(fill, dtype=np.float64)).astype(self.dtype)
+            np.rint(out, out=out)
+            np.clip(out, info.min, info.max, out=out)
+        out = out.astype(self.dtype, copy=False)
+        if empty is not None:
+            out[:, empty] = fill
         self.writer.write(out, Window(u0, t0, u1 - u0, t1 - t0))
         self.written.add(tile)
 
@@ -398,6 +451,8 @@ class _Pipeline:
         self.errors: list[BaseException] = []
         self.model_seconds = 0.0
         self.model_windows = 0
+        self.reader_cpu = 0.0  # CPU seconds of the reader / writer threads (the reader pool's not included)
+        self.writer_cpu = 0.0
 
     def _put(self, q: queue.Queue, item: Any) -> None:
         while not self.stop.is_set():
@@ -434,14 +489,14 @@ class _Pipeline:
         readers: list[WindowReader] = []
         lock = threading.Lock()
 
-        def read(cell: tuple[int, int]) -> Any:
+        def read(cells: list[tuple[int, int]]) -> list[_WindowData | None]:
             r = getattr(local, "reader", None)
             if r is None:
                 r = cfg.source.reader()
                 local.reader = r
                 with lock:
                     readers.append(r)
-            return _read_window(cfg, r, *cell)
+            return _read_strip(cfg, r, cells)
 
         pool = None
         try:
@@ -470,6 +525,7 @@ class _Pipeline:
             for r in readers:
                 with contextlib.suppress(Exception):
                     r.close()
+            self.reader_cpu = time.thread_time()
             self._put(self.q_in, None)
 
     # -- writer thread
@@ -481,6 +537,7 @@ class _Pipeline:
             while True:
                 item = self._get(self.q_out)
                 if item is None or item is _STOP:
+                    self.writer_cpu = time.thread_time()
                     return
                 kind = item[0]
                 if kind == "out":
@@ -648,7 +705,7 @@ def predict_raster(
     resume: bool = True,
     keep_parts: bool = False,
     progress: bool = True,
-    compress: str = "deflate",
+    compress: str | None = None,
     blocksize: int | None = None,
     overview_resampling: str = "average",
     overviews: bool | None = None,
@@ -689,8 +746,10 @@ def predict_raster(
         resume: continue a previous run of the same job from ``<out>.parts/manifest.json``; False starts over.
         keep_parts: keep the parts folder after success.
         progress: show a progress bar.
-        compress, blocksize, overview_resampling: COG options (``blocksize`` default: 512, smaller for many
-            bands).
+        compress: COG compression. Default: ``"deflate"`` (readable by every GIS) for outputs of at most 16
+            bands (maps); ZSTD level 1 for more (patch embeddings: measured on a 256^2 x 384 float32 output,
+            0.34 s of CPU and 82 MB against 1.5 s and 79 MB with DEFLATE; any GDAL >= 2.3 reads it).
+        blocksize, overview_resampling: COG options (``blocksize`` default: 512, smaller for many bands).
         overviews: build internal overviews (default: only for outputs of at most 16 bands; GDAL builds them
             very slowly for hundreds of pixel-interleaved bands, e.g. patch embeddings).
         gdal_cachemax_mb: GDAL block cache (MB) for writing (default: 32, or four COG tiles of all bands when
@@ -754,11 +813,14 @@ def predict_raster(
                 "dinov3geo_overlap": overlap, "dinov3geo_scale": scale, **(tags or {})}
     if overviews is None:
         overviews = model.out_bands <= 16
+    level = None
+    if compress is None:
+        compress, level = ("deflate", None) if model.out_bands <= 16 else ("zstd", 1)
     if gdal_cachemax_mb is None:
         gdal_cachemax_mb = max(32, math.ceil(4 * bs * bs * model.out_bands * out_dtype.itemsize / 2**20))
     writer = _FeatureCOGWriter(out, out_grid_final, model.out_bands, out_dtype, nodata=model.nodata,
                                band_names=model.names(), tags=all_tags, band_tags=band_tags, blocksize=bs,
-                               compress=compress, overview_resampling=overview_resampling,
+                               compress=compress, level=level, overview_resampling=overview_resampling,
                                gdal_cachemax_mb=gdal_cachemax_mb, overviews=overviews)
     blocks = layout.blocks()
     done_blocks = [b for b in blocks if manifest.is_done(b)]
@@ -778,7 +840,8 @@ def predict_raster(
                 pipe = _Pipeline(cfg, model, tiles, manifest, todo, done_blocks, bar, queue_batches=3,
                                  io_nice=io_nice if dev.type == "cpu" else 0)
                 pipe.run()
-                st.update(model_seconds=pipe.model_seconds, windows_run=pipe.model_windows)
+                st.update(model_seconds=pipe.model_seconds, windows_run=pipe.model_windows,
+                          reader_cpu_seconds=pipe.reader_cpu, writer_cpu_seconds=pipe.writer_cpu)
             else:
                 model.to(dev).eval()
                 for b in done_blocks:

@@ -24,6 +24,9 @@ In one run it
    RSS large / small (goal <= 1.2);
 6. prints a table with every number and goal, and optionally writes them as JSON.
 
+``--arch none`` swaps the backbone for a near-free stand-in with the same output shape (the data path alone,
+the regime of a fast GPU); ``--rss-only`` runs only step 5 (e.g. ``--size 20000 --small-size 5000``).
+
 Generated rasters are deleted at the end unless ``--keep``.
 """
 
@@ -78,9 +81,31 @@ def build_model(spec: dict[str, Any]) -> Any:
     import torch
 
     from dinov3geo.inference import BackboneFeatures
+    from dinov3geo.inference.models import RasterModel
     from dinov3geo.models import build_backbone
 
     torch.manual_seed(0)
+    if spec["arch"] == "none":
+
+        class DataPath(RasterModel):
+            """Data path only: 16x16 average pool + a fixed random 1x1 projection to ViT-S's 384 bands.
+
+            Costs next to nothing, so a run measures reading, batching, stitching and writing (the share of
+            the time that remains when a GPU runs the backbone), with output values that compress like
+            features (not constants)."""
+
+            out_bands = spec["head_bands"] or 384
+            scale = 16
+            receptive_margin = 32
+
+            def __init__(self) -> None:
+                self.proj = torch.randn(self.out_bands, 4) * 1e-4
+
+            def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+                p = torch.nn.functional.avg_pool2d(x, 16)
+                return torch.einsum("kc,bchw->bkhw", self.proj, p).sin()
+
+        return DataPath()
     bb = build_backbone(spec["arch"], in_chans=4).eval()
     head = None
     if spec["head_bands"]:
@@ -117,7 +142,7 @@ def child_engine(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     predict_raster(model, spec["raster"], out, window=spec["window"], overlap=spec["overlap"],
                    batch_size=spec["batch"], amp=spec["amp"], device="cpu", progress=False, resume=False,
-                   stats=stats)
+                   stats=stats, read_threads=spec.get("read_threads"))
     seconds = time.perf_counter() - t0
     size_mb = out.stat().st_size / 1e6
     out.unlink()
@@ -227,7 +252,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=20000, help="side of the large raster (px)")
     ap.add_argument("--small-size", type=int, default=5000, help="side of the small raster for the RSS ratio")
     ap.add_argument("--workdir", default="/tmp/dinov3geo-bench-inference")
-    ap.add_argument("--arch", default="vits16", help="DINOv3 arch (random weights)")
+    ap.add_argument("--arch", default="vits16", help="DINOv3 arch (random weights); 'none': data path only (a "
+                    "near-free stand-in model with the same output shape), the regime of a fast GPU")
     ap.add_argument("--rss-arch", help="arch for the RSS runs on both rasters (default: --arch; the throughput "
                     "engine runs then give the large-raster RSS)")
     ap.add_argument("--head-bands", type=int, default=0, help="1x1 conv head to this many bands (0: features)")
@@ -238,7 +264,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the timed runs (best is used)")
     ap.add_argument("--tg-workers", type=int, default=1, help="DataLoader workers for the torchgeo run")
+    ap.add_argument("--read-threads", type=int, help="engine reader threads (default: the engine's, 1 on CPU)")
     ap.add_argument("--skip-torchgeo", action="store_true")
+    ap.add_argument("--rss-only", action="store_true", help="only the two RSS runs (engine on the large and the "
+                    "small raster), e.g. for 20000^2 vs 5000^2 with a ViT-S, where a throughput run takes minutes")
     ap.add_argument("--keep", action="store_true", help="keep the generated rasters")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -252,7 +281,7 @@ def main() -> None:
     big, small = work / f"region_{args.size}.tif", work / f"region_{args.small_size}.tif"
     base = {"arch": args.arch, "head_bands": args.head_bands, "window": args.window, "overlap": args.overlap,
             "batch": args.batch, "amp": None if args.amp == "none" else args.amp, "threads": args.threads,
-            "tg_workers": args.tg_workers}
+            "tg_workers": args.tg_workers, "read_threads": args.read_threads}
     try:
         for p, s in ((big, args.size), (small, args.small_size)):
             log(f"generating {p} ({s}^2 x 4 uint16, {s * s * 8 / 1e9:.2f} GB raw)")
@@ -262,6 +291,22 @@ def main() -> None:
         floor_runs: list[dict[str, Any]] = []
         eng_runs: list[dict[str, Any]] = []
         tg_runs: list[dict[str, Any]] = []
+        if args.rss_only:
+            spec = {**base, "arch": args.rss_arch or args.arch, "kind": "engine"}
+            runs = {s: run_child(HERE, {**spec, "raster": str(p), "out": str(work / f"rss_{s}.tif")})
+                    for p, s in ((big, args.size), (small, args.small_size))}
+            for s, r in runs.items():
+                log(f"RSS run ({spec['arch']}) on {s}^2: {r['peak_rss_mib']:.0f} MiB, {r['seconds']:.0f} s")
+            ratio = runs[args.size]["peak_rss_mib"] / runs[args.small_size]["peak_rss_mib"]
+            print_table([[f"engine {s}^2", s * s / 1e6 / r["seconds"], r["peak_rss_mib"], None, ""]
+                         for s, r in runs.items()] + [["large / small", None, None, ratio,
+                                                       f"<= {GOAL_RSS}: {'met' if ratio <= GOAL_RSS else 'NOT met'}"]],
+                        ["run", "MP/s", "peak RSS MiB", "ratio", "goal"],
+                        title=f"peak RSS, {spec['arch']} {args.amp}, window {args.window}, batch {args.batch}")
+            if args.json:
+                write_json(args.json, {**res, "rss_large": runs[args.size], "rss_small": runs[args.small_size],
+                                       "rss_ratio": ratio})
+            return
         for rep in range(args.repeats):
             # interleaved, so that load from other processes on a shared machine hits all of them alike
             floor_runs.append(run_child(HERE, {**base, "kind": "model_only", "size": args.size}))

@@ -230,6 +230,37 @@ def test_single_thread_mode_gives_identical_output(tmp_path: Path) -> None:
     np.testing.assert_array_equal(_read(a), _read(c))
 
 
+def test_strip_reads_equal_window_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows cut from one strip read (the default) give the same output as one read per window, with an
+    AOI cutting through windows and uint16 input that reaches the model as float32."""
+    from dinov3geo.inference import engine
+
+    field = smooth_field(230, 300, bands=2)
+    img = ((field - field.min()) * 1000 + 500).astype(np.uint16)
+    src = write_raster(tmp_path / "in.tif", img, transform=TRANSFORM)
+    cx, cy = TRANSFORM * (150, 115)
+    aoi = shapely.Point(cx, cy).buffer(900)
+    sizes: list[int] = []
+    read_strip = engine._read_strip
+
+    def counting(cfg, reader, cells):  # noqa: ANN001, ANN202
+        sizes.append(len(cells))
+        return read_strip(cfg, reader, cells)
+
+    monkeypatch.setattr(engine, "_read_strip", counting)
+    a = predict_raster(MeanFilter(3, 2), src, tmp_path / "a.tif", aoi=aoi, aoi_crs="EPSG:32633", **RUN)
+    assert max(sizes) > 1
+    sizes.clear()
+    monkeypatch.setattr(engine, "_STRIP_BYTES", 1)  # every strip holds one window
+    b = predict_raster(MeanFilter(3, 2), src, tmp_path / "b.tif", aoi=aoi, aoi_crs="EPSG:32633", **RUN)
+    assert set(sizes) == {1}
+    got = _read(a)
+    np.testing.assert_array_equal(got, _read(b))
+    assert np.isfinite(got).any() and np.isnan(got).any()  # the AOI cut through the raster
+    whole = predict_raster(MeanFilter(3, 2), src, tmp_path / "c.tif", **RUN)  # uint16 in, no AOI
+    np.testing.assert_allclose(_read(whole), MeanFilter(3, 2).whole_image(img.astype(np.float32)), rtol=2e-6)
+
+
 # ---------------------------------------------------------------------------------------------- inputs
 def test_mosaic_of_scenes_in_two_crs(tmp_path: Path) -> None:
     img = smooth_field(120, 200)

@@ -14,8 +14,8 @@ How a run works (geometry in :mod:`dinov3geo.inference.layout`):
    descriptions) is moved into place atomically and the parts folder is removed.
 
 Locally, a reader thread reads each row of a block's windows as one strip and batches the windows, the
-calling thread only runs the model, and a writer
-thread accumulates, saves blocks and writes tiles, so the model is never waiting on I/O. With a
+calling thread only runs the model, and a writer thread accumulates, saves blocks and writes tiles, so the
+model is never waiting on I/O. With a
 ``dask.distributed`` client, blocks are tasks on the cluster's workers (which must see the output folder)
 and the client finalises tiles as blocks complete.
 

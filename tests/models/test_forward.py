@@ -62,6 +62,15 @@ def test_list_forward_with_drop_path_concatenates_crop_sets() -> None:
     assert out[0]["x_prenorm"].shape == (4, 9, 64) and out[1]["x_prenorm"].shape == (2, 7, 64)
 
 
+def test_list_forward_without_drop_path_concatenates_crop_sets() -> None:
+    """As the official block: with several crop sets, norms / linears / MLP run once on all their tokens."""
+    model = random_backbone("vit_tiny_test", rope_rescale_coords=None).train()
+    calls = []
+    model.blocks[0].norm2.register_forward_hook(lambda m, i, o: calls.append(i[0].shape))
+    model.forward_features([torch.randn(4, 3, 32, 32), torch.randn(2, 3, 16, 32)], [None, None])
+    assert calls == [torch.Size([4 * 9 + 2 * 7, 64])]
+
+
 def test_masks_replace_exactly_the_masked_patch_embeddings(tiny) -> None:
     x = torch.randn(2, 3, 32, 48)
     masks = torch.zeros(2, 6, dtype=torch.bool)

@@ -123,13 +123,17 @@ class SelfAttention(nn.Module):
 
     def forward_list(self, x_list: Sequence[Tensor], rope_list: Sequence[RopeTables | None]) -> list[Tensor]:
         """Shared qkv/proj matmuls over all crop sets, attention run per crop set."""
-        if len(x_list) != len(rope_list):
-            raise ValueError("x_list and rope_list must have the same length")
         flat, shapes, num_tokens = cat_keep_shapes(x_list)
+        return uncat_with_shapes(self.forward_flat(flat, shapes, num_tokens, rope_list), shapes, num_tokens)
+
+    def forward_flat(self, flat: Tensor, shapes: Sequence[torch.Size], num_tokens: Sequence[int],
+                     rope_list: Sequence[RopeTables | None]) -> Tensor:
+        """:meth:`forward_list` on tokens already concatenated by ``cat_keep_shapes``; returns them flat."""
+        if len(shapes) != len(rope_list):
+            raise ValueError("x_list and rope_list must have the same length")
         qkv_list = uncat_with_shapes(self.qkv(flat), shapes, num_tokens)
         out = [self.compute_attention(qkv, rope=rope) for qkv, rope in zip(qkv_list, rope_list, strict=True)]
-        flat, shapes, num_tokens = cat_keep_shapes(out)
-        return uncat_with_shapes(self.proj(flat), shapes, num_tokens)
+        return self.proj(cat_keep_shapes(out)[0])
 
 
 def init_linear_(module: nn.Linear, std: float = 0.02) -> None:

@@ -97,7 +97,15 @@ class SelfAttentionBlock(nn.Module):
 
     def _forward_list(self, x_list: Sequence[Tensor], rope_list: Sequence[RopeTables | None]) -> list[Tensor]:
         if not (self.training and self.sample_drop_ratio > 0.0):
-            return [self._forward_plain(x, rope) for x, rope in zip(x_list, rope_list, strict=True)]
+            if len(x_list) == 1:
+                return [self._forward_plain(x_list[0], rope_list[0])]
+            # several crop sets (e.g. global + local crops): as the official block, one set of norm / linear /
+            # MLP ops over the concatenated tokens, attention per crop set (fewer, larger matmuls)
+            flat, shapes, num_tokens = cat_keep_shapes(x_list)
+            y = self.attn.forward_flat(self.norm1(flat), shapes, num_tokens, rope_list)
+            flat = self._residual(flat, self._scale(self.ls1, y))
+            flat = self._residual(flat, self._scale(self.ls2, self.mlp(self.norm2(flat))))
+            return uncat_with_shapes(flat, shapes, num_tokens)
 
         p = self.sample_drop_ratio
         scales = [residual_scale(x.shape[0], p) for x in x_list]

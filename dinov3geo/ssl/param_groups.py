@@ -287,10 +287,11 @@ def clip_grad_norm_per_module(
         if not params:
             norms[f"{name}_grad_norm"] = 0.0
             continue
-        if max_norm:
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, norm_type=norm_type)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=norm_type)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=norm_type)
+        # clip_grad_norm_ multiplies every gradient by min(max_norm / (norm + 1e-6), 1); skipping the
+        # multiplication by exactly 1 (norm within bounds) saves a pass over all gradients, same values
+        if max_norm and not bool(max_norm / (norm + 1e-6) >= 1.0):  # the coefficient clip_grad_norm_ clamps
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm=max_norm, total_norm=norm)
         norms[f"{name}_grad_norm"] = float(
             norm.full_tensor().item() if hasattr(norm, "full_tensor") else norm.item()
         )

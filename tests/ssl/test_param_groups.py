@@ -166,3 +166,20 @@ def test_clip_grad_norm_per_module() -> None:
         assert post == pytest.approx(min(pre[k], 3.0), rel=1e-4)  # each module clipped on its own
     none = clip_grad_norm_per_module(parts, max_norm=None)
     assert none["dino_head_grad_norm"] == pytest.approx(pre["dino_head"], rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 10.0])
+def test_clip_grad_norm_per_module_equals_torch_bitwise(scale: float) -> None:
+    """Below the limit nothing is touched, above it the gradients are torch's ``clip_grad_norm_`` exactly."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(50, 40), torch.nn.Linear(50, 40)
+    b.load_state_dict(a.state_dict())
+    (a(torch.randn(8, 50)).pow(2).sum() * scale).backward()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        pb.grad = pa.grad.clone()
+    norms = clip_grad_norm_per_module({"backbone": a}, max_norm=3.0)
+    ref = torch.nn.utils.clip_grad_norm_(b.parameters(), 3.0)
+    assert norms["backbone_grad_norm"] == float(ref)
+    assert (norms["backbone_grad_norm"] > 3.0) == (scale > 1)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa.grad, pb.grad)

@@ -32,7 +32,6 @@ class DataConfig:
     normalize: str | list[list[float]] = "store"  #: "store" (store stats), "none", or [[mean...], [std...]]
     batch_size: int = 8  #: samples per device per step (the official batch_size_per_gpu)
     num_workers: int = 2  #: DataLoader worker processes
-    worker_nice: int = 10  #: nice increment of the workers (Linux): they use CPU the step leaves idle (0: off)
     min_valid_fraction: float = 0.5  #: crops with fewer valid pixels are re-sampled (up to 10 times)
 
 

@@ -10,9 +10,6 @@ on state held by a DataLoader.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -204,17 +201,8 @@ def build_dataloader(cfg: SSLConfig, start_iteration: int = 0, rank: int = 0, wo
     nw = cfg.data.num_workers
     loader = DataLoader(ds, batch_size=cfg.data.batch_size, sampler=sampler, collate_fn=collate, num_workers=nw,
                         pin_memory=pin_memory, persistent_workers=nw > 0, prefetch_factor=4 if nw > 0 else None,
-                        drop_last=True,
-                        worker_init_fn=functools.partial(_lower_priority, cfg.data.worker_nice) if nw > 0 else None)
+                        drop_last=True)
     return loader, tiles
-
-
-def _lower_priority(increment: int, worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: raise the worker's nice value, so that preparing the next batches (a few
-    per cent of the step's CPU) runs in the gaps the training threads leave rather than slowing them down."""
-    if increment > 0:
-        with contextlib.suppress(AttributeError, OSError):
-            os.nice(increment)
 
 
 def batch_to(data: dict[str, Any], device: torch.device | str) -> dict[str, Any]:

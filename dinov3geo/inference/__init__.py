@@ -16,6 +16,7 @@ from dinov3geo.inference.engine import (
     InferenceConfig,
     make_layout,
     parts_dir,
+    predict_array,
     predict_raster,
     resolve_amp,
     resolve_device,
@@ -23,6 +24,7 @@ from dinov3geo.inference.engine import (
 from dinov3geo.inference.layout import Layout, blend_weights_1d, lattice_starts
 from dinov3geo.inference.models import BackboneFeatures, MeanFilter, RasterModel, TorchRasterModel
 from dinov3geo.inference.sources import (
+    ArraySource,
     MosaicSource,
     RasterSource,
     SceneSource,
@@ -32,6 +34,7 @@ from dinov3geo.inference.sources import (
 )
 
 __all__ = [
+    "ArraySource",
     "BackboneFeatures",
     "InferenceConfig",
     "Layout",
@@ -48,6 +51,7 @@ __all__ = [
     "lattice_starts",
     "make_layout",
     "parts_dir",
+    "predict_array",
     "predict_raster",
     "resolve_amp",
     "resolve_device",

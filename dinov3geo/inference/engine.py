@@ -34,6 +34,7 @@ import math
 import os
 import queue
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -49,14 +50,15 @@ from rasterio.windows import Window
 
 from dinov3geo.inference.layout import Layout, Rect, _intersect
 from dinov3geo.inference.models import RasterModel
-from dinov3geo.inference.sources import RasterSource, WindowReader, as_source
+from dinov3geo.inference.sources import ArraySource, RasterSource, WindowReader, as_source
 from dinov3geo.io.cog import COGWriter
 from dinov3geo.io.grid import GridSpec
 from dinov3geo.io.vector import aoi_geometry, aoi_mask
 from dinov3geo.utils.atomic import check_writable
 from dinov3geo.utils.progress import progress_bar
 
-__all__ = ["InferenceConfig", "make_layout", "parts_dir", "predict_raster", "resolve_amp", "resolve_device"]
+__all__ = ["InferenceConfig", "make_layout", "parts_dir", "predict_array", "predict_raster", "resolve_amp",
+           "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -881,6 +883,81 @@ def predict_raster(
     if stats is not None:
         stats.update(st)
     return out
+
+
+class _ArrayWriter:
+    """In-memory stand-in for :func:`predict_raster`'s COG writer (same ``write(array, window)`` calls)."""
+
+    def __init__(self, count: int, height: int, width: int, dtype: np.dtype, nodata: float | None) -> None:
+        self.out = np.full((count, height, width), nodata if nodata is not None else 0, dtype=dtype)
+
+    def write(self, array: np.ndarray, window: Window) -> None:
+        r, c = int(window.row_off), int(window.col_off)
+        self.out[:, r : r + array.shape[1], c : c + array.shape[2]] = array
+
+    def __enter__(self) -> _ArrayWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def predict_array(
+    model: RasterModel,
+    data: np.ndarray | ArraySource,
+    valid: np.ndarray | None = None,
+    *,
+    window: int = 512,
+    overlap: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "auto",
+    amp: str | bool | None = "auto",
+    threads: bool = True,
+    band_names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """:func:`predict_raster` for an in-memory ``[C, H, W]`` array: the same windows, blending, batching and
+    nodata handling, with the result returned as an array instead of a COG (nothing is resumable; block
+    partial sums go to a temporary folder). For non-georeferenced inputs (e.g. LEVIR-CD PNG pairs) and for
+    validation inside training loops.
+
+    Args:
+        model: a :class:`~dinov3geo.inference.models.RasterModel`.
+        data: ``[C, H, W]`` raw values (invalid pixels may hold anything), or an :class:`ArraySource`.
+        valid: ``[H, W]`` validity (default: every finite pixel); invalid pixels are nodata in the output.
+        window, overlap, batch_size, device, amp, threads: as for :func:`predict_raster`.
+        band_names: names of the input bands (for models that check them).
+
+    Returns:
+        ``[K, ceil(H / scale), ceil(W / scale)]`` in ``model.out_dtype``, ``model.nodata`` where nothing valid
+        contributed.
+    """
+    src = data if isinstance(data, ArraySource) else ArraySource(data, valid, band_names=band_names)
+    if model.in_bands is not None and model.in_bands != src.count:
+        raise ValueError(f"model expects {model.in_bands} bands but the array has {src.count}")
+    layout = make_layout(model, src.grid.height, src.grid.width, window=window, overlap=overlap)
+    dev = resolve_device(device)
+    amp_t = resolve_amp(amp, dev)
+    writer = _ArrayWriter(model.out_bands, layout.out_height, layout.out_width, np.dtype(model.out_dtype),
+                          model.nodata)
+    with tempfile.TemporaryDirectory(prefix="dinov3geo-array-") as tmp:
+        cfg = InferenceConfig(source=src, layout=layout, out_bands=model.out_bands, parts=Path(tmp),
+                              batch_size=batch_size, device=str(dev),
+                              amp=None if amp_t is None else str(amp_t).replace("torch.", ""))
+        manifest = _Manifest(Path(tmp), "in-memory", {})
+        tiles = _TileWriter(cfg, model, writer, set(), set())  # type: ignore[arg-type]
+        model.to(dev).eval()
+        todo = layout.blocks()
+        bar = progress_bar(total=layout.n_windows, disable=True)
+        if threads:
+            _Pipeline(cfg, model, tiles, manifest, todo, [], bar, queue_batches=3).run()
+        else:
+            with src.reader() as reader:
+                for b in todo:
+                    _, status, _n = _process_block(cfg, model, reader, b)
+                    manifest.mark(b, status)
+                    tiles.block_finished(b, status)
+        bar.close()
+    return writer.out
 
 
 def _run_dask(cfg: InferenceConfig, model: RasterModel, tiles: _TileWriter, manifest: _Manifest,

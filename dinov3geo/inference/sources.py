@@ -27,7 +27,7 @@ from dinov3geo.io.grid import GridSpec
 from dinov3geo.io.scene import GDAL_ENV, Scene
 from dinov3geo.io.sources import open_scene
 
-__all__ = ["MosaicSource", "RasterSource", "SceneSource", "StackSource", "TileStoreSource", "as_source"]
+__all__ = ["ArraySource", "MosaicSource", "RasterSource", "SceneSource", "StackSource", "TileStoreSource", "as_source"]
 
 
 class WindowReader(ABC):
@@ -391,6 +391,71 @@ class TileStoreSource(RasterSource):
     def describe(self) -> dict[str, Any]:
         return {"kind": "tilestore", "path": str(self.path.absolute()), "n_tiles": len(self._offsets),
                 "bands": list(self.band_names), "grid": self.grid.to_dict()}
+
+
+# ---------------------------------------------------------------------------------------------- arrays
+class _ArrayReader(WindowReader):
+    def __init__(self, src: ArraySource) -> None:
+        self.src = src
+
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        src = self.src
+        h, w = int(window.height), int(window.width)
+        r0, c0 = int(window.row_off), int(window.col_off)
+        data = np.zeros((src.count, h, w), dtype=src.data.dtype)
+        valid = np.zeros((h, w), dtype=bool)
+        H, W = src.data.shape[1:]
+        rs, re_, cs, ce = max(r0, 0), min(r0 + h, H), max(c0, 0), min(c0 + w, W)
+        if rs < re_ and cs < ce:
+            ok = src.valid[rs:re_, cs:ce]
+            data[:, rs - r0 : re_ - r0, cs - c0 : ce - c0] = np.where(ok, src.data[:, rs:re_, cs:ce], 0)
+            valid[rs - r0 : re_ - r0, cs - c0 : ce - c0] = ok
+        return data, valid
+
+
+class ArraySource(RasterSource):
+    """An in-memory ``[C, H, W]`` array as an engine input (e.g. a co-registered pair, LEVIR-CD PNG crops).
+
+    Args:
+        data: the bands (any numeric dtype; non-finite values are invalid).
+        valid: ``[H, W]`` validity (default: every finite pixel).
+        grid: georeferencing of the array (default: a local 1 m grid; outputs of :func:`predict_array` are
+            arrays, so it only matters for AOIs).
+        band_names: names of the bands (default ``band_1``...).
+    """
+
+    def __init__(self, data: np.ndarray, valid: np.ndarray | None = None, grid: GridSpec | None = None,
+                 band_names: Sequence[str] | None = None) -> None:
+        data = np.asarray(data)
+        if data.ndim != 3:
+            raise ValueError(f"expected a [C, H, W] array, got shape {data.shape}")
+        ok = np.ones(data.shape[1:], dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+        if ok.shape != data.shape[1:]:
+            raise ValueError(f"valid mask {ok.shape} does not match the array {data.shape[1:]}")
+        if np.issubdtype(data.dtype, np.floating):
+            ok = ok & np.isfinite(data).all(axis=0)
+        self.data, self.valid = data, ok
+        h, w = data.shape[1:]
+        self.grid = grid if grid is not None else GridSpec(CRS.from_epsg(3857), rasterio.Affine(1, 0, 0, 0, -1, h),
+                                                           w, h)
+        if (self.grid.height, self.grid.width) != (h, w):
+            raise ValueError(f"grid {self.grid.height}x{self.grid.width} does not match the array {h}x{w}")
+        names = list(band_names) if band_names is not None else [f"band_{k + 1}" for k in range(data.shape[0])]
+        if len(names) != data.shape[0]:
+            raise ValueError(f"got {len(names)} band names for {data.shape[0]} bands")
+        self.band_names = tuple(names)
+        self.dtype = str(data.dtype)
+
+    def reader(self) -> WindowReader:
+        return _ArrayReader(self)
+
+    def describe(self) -> dict[str, Any]:
+        import hashlib
+
+        digest = hashlib.sha1(np.ascontiguousarray(self.data).tobytes())
+        digest.update(np.packbits(self.valid).tobytes())
+        return {"kind": "array", "shape": list(self.data.shape), "dtype": self.dtype, "sha1": digest.hexdigest(),
+                "grid": self.grid.to_dict()}
 
 
 # ---------------------------------------------------------------------------------------------- dispatch

@@ -392,3 +392,33 @@ def test_two_dates_stacked_for_a_change_model(tmp_path: Path) -> None:
     assert np.isnan(got[:20]).all()
     ref = MeanFilter(3).whole_image(t1)[0] - MeanFilter(3).whole_image(t0)[0]
     np.testing.assert_allclose(got[21:], ref[21:], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- arrays
+def test_predict_array_equals_predict_raster(tmp_path: Path) -> None:
+    """In-memory arrays go through the same windows and blending as rasters: identical values, nodata
+    where the input is invalid (NaN or the mask), and the COG-free result has the model's output shape."""
+    from dinov3geo.inference import ArraySource, predict_array
+
+    img = smooth_field(150, 210, bands=2)
+    img[:, 10:20, 30:45] = np.nan
+    src = write_raster(tmp_path / "in.tif", img, transform=TRANSFORM, nodata=float("nan"))
+    run = {k: v for k, v in RUN.items() if k in ("window", "overlap")}
+    ref = _read(predict_raster(MeanFilter(3, 2), src, tmp_path / "out.tif", progress=False, **run))
+    got = predict_array(MeanFilter(3, 2), img, **run)
+    assert got.shape == ref.shape and got.dtype == np.float32
+    np.testing.assert_array_equal(got, ref)
+    assert np.isnan(got[:, 12, 35]).all()
+    mask = np.ones(img.shape[1:], bool)
+    mask[100:, :] = False
+    part = predict_array(MeanFilter(3, 2), np.nan_to_num(img), mask, threads=False, **run)
+    assert np.isnan(part[:, 100:]).all() and np.isfinite(part[:, :90][:, ~np.isnan(img[0, :90])]).all()
+    from dinov3geo.models import build_backbone
+
+    torch.manual_seed(0)
+    feats = predict_array(BackboneFeatures(build_backbone("vit_tiny_test", in_chans=2).eval()), ArraySource(img),
+                          window=128, overlap=64)
+    assert feats.shape == (64, math.ceil(150 / 16), math.ceil(210 / 16))
+    assert np.isfinite(feats).all()  # every patch holds some valid pixel
+    with pytest.raises(ValueError, match=r"\[C, H, W\]"):
+        predict_array(MeanFilter(3, 2), img[0], **run)

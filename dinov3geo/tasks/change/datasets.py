@@ -431,24 +431,23 @@ def predict_pair(model: Any, before: np.ndarray | ChangePair, after: np.ndarray 
                  valid: np.ndarray | None = None, *, window: int = 256, overlap: int | None = None,
                  batch_size: int = 4, device: str = "cpu") -> np.ndarray:
     """Run a change :class:`~dinov3geo.inference.RasterModel` (``scale`` 1, one output band) over a whole
-    in-memory pair: overlapping ``window`` windows blended with the engine's weights
-    (:func:`dinov3geo.inference.blend_weights_1d`; zero weight on the model's ``receptive_margin``).
+    in-memory pair with the inference engine (:func:`dinov3geo.inference.predict_array`: the same windows,
+    blending and masking as a raster run).
 
     Args:
         model: e.g. :class:`~dinov3geo.tasks.change.zeroshot.ZeroShotChange` or a loaded change head.
         before: ``[C, H, W]`` raw values, or a :class:`ChangePair` (then ``after``/``valid`` come from it).
         after: ``[C, H, W]``.
-        valid: ``[H, W]`` input mask (default all valid); invalid pixels are filled with 0 and come out NaN.
-        window, overlap: window side and overlap in pixels (default overlap: a quarter window).
+        valid: ``[H, W]`` input mask (default all valid); invalid pixels come out NaN.
+        window, overlap: window side and overlap in pixels (default overlap: the engine's; an overlap below
+            twice the model's receptive margin is raised to it).
         batch_size: windows per model call.
-        device: torch device of the model (the caller moves the model there).
+        device: torch device of the model.
 
     Returns:
         ``[H, W]`` float32 scores, NaN where the input is invalid.
     """
-    import torch
-
-    from dinov3geo.inference import blend_weights_1d
+    from dinov3geo.inference import predict_array
 
     if isinstance(before, ChangePair):
         pair = before
@@ -458,31 +457,9 @@ def predict_pair(model: Any, before: np.ndarray | ChangePair, after: np.ndarray 
         raise ValueError("predict_pair needs the after image (or a ChangePair)")
     if getattr(model, "scale", 1) != 1 or getattr(model, "out_bands", 1) != 1:
         raise ValueError("predict_pair needs a model with scale 1 and one output band")
-    x = np.concatenate([before, after], axis=0).astype(np.float32)
-    h, w = x.shape[1:]
-    inval = np.ones((h, w), bool) if valid is None else np.asarray(valid, bool)
-    x[:, ~inval] = 0
-    wh, ww = min(window, h), min(window, w)
-    overlap = window // 4 if overlap is None else int(overlap)
-    margin = min(int(getattr(model, "receptive_margin", 0)), max(0, overlap // 2))
-    ramp = max(0, overlap - 2 * margin)
-    stride = max(1, window - overlap)
-    rows, cols = _starts(h, wh, stride), _starts(w, ww, stride)
-    acc = np.zeros((h, w), np.float64)
-    wsum = np.zeros((h, w), np.float64)
-    jobs = [(r, c) for r in rows for c in cols]
-    with torch.inference_mode():
-        for i in range(0, len(jobs), batch_size):
-            chunk = jobs[i:i + batch_size]
-            xb = torch.from_numpy(np.stack([x[:, r:r + wh, c:c + ww] for r, c in chunk])).to(device)
-            vb = torch.from_numpy(np.stack([inval[r:r + wh, c:c + ww] for r, c in chunk])).to(device)
-            yb = model(xb, vb).float().cpu().numpy()[:, 0]
-            for (r, c), y in zip(chunk, yb, strict=True):
-                wr = blend_weights_1d(wh, margin if len(rows) > 1 else 0, ramp, r > 0, r + wh < h)
-                wc = blend_weights_1d(ww, margin if len(cols) > 1 else 0, ramp, c > 0, c + ww < w)
-                wgt = wr[:, None] * wc[None, :]
-                acc[r:r + wh, c:c + ww] += wgt * y
-                wsum[r:r + wh, c:c + ww] += wgt
-    out = np.where(wsum > 0, acc / np.maximum(wsum, 1e-12), np.nan).astype(np.float32)
-    out[~inval] = np.nan
-    return out
+    x = np.concatenate([before, after], axis=0)
+    if overlap is not None:
+        overlap = min(max(int(overlap), 2 * int(getattr(model, "receptive_margin", 0)) + 2), window - 1)
+    out = predict_array(model, x, valid, window=window, overlap=overlap, batch_size=batch_size, device=device,
+                        amp=None)
+    return out[0].astype(np.float32, copy=False)

@@ -185,6 +185,8 @@ def run_pretraining(args: argparse.Namespace, store: Path, work: Path) -> dict[s
     torch.set_num_threads(args.threads)
     n, m = args.iters, args.gram_iters
     out_p, out_g = work / "run_pretrain", work / "run_gram"
+    if args.reuse:
+        return _reuse_pretraining(work, n, m)
     for d in (out_p, out_g):
         shutil.rmtree(d, ignore_errors=True)
     backbones: dict[str, Path] = {}
@@ -209,6 +211,25 @@ def run_pretraining(args: argparse.Namespace, store: Path, work: Path) -> dict[s
     times["pretrain_M_more_s"] = time.perf_counter() - t
     backbones[f"pretrain {n + m}"] = res_p.backbone
     return {"backbones": backbones, "times": times, "logs_pretrain": stage_metrics(out_p),
+            "logs_gram": stage_metrics(out_g), "iterations": {"N": n, "M": m}}
+
+
+def _reuse_pretraining(work: Path, n: int, m: int) -> dict[str, Any]:
+    """The three backbones of an earlier run in ``work`` with the same N and M (checked in its configs)."""
+    from dinov3geo.ssl.train import stage_metrics
+
+    out_p, out_g, snap = work / "run_pretrain", work / "run_gram", work / "pretrain_N"
+    files = {f"pretrain {n}": snap / "backbone.dinov3geo.pt", f"pretrain {n} + gram {m}": out_g / "backbone.pth",
+             f"pretrain {n + m}": out_p / "backbone.pth"}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise SystemExit(f"--reuse: no earlier run in {work} ({', '.join(missing)} missing); run without --reuse")
+    for d, want in ((out_p, n + m), (out_g, m)):
+        got = json.loads((d / "config.json").read_text())["optim"]["iterations"]
+        if got != want:
+            raise SystemExit(f"--reuse: {d} was trained for {got} iterations, not {want}: pass the --iters / "
+                             "--gram-iters of that run")
+    return {"backbones": files, "times": {"reused": True}, "logs_pretrain": stage_metrics(out_p),
             "logs_gram": stage_metrics(out_g), "iterations": {"N": n, "M": m}}
 
 
@@ -524,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None, help="curves PNG (default <workdir>/ssl_quality_curves.png)")
     ap.add_argument("--quick", action="store_true", help="2-3 minute smoke run")
+    ap.add_argument("--reuse", action="store_true", help="probe the backbones of an earlier run in --workdir with "
+                    "the same --iters / --gram-iters instead of pretraining again")
+    ap.add_argument("--random-seeds", type=int, default=3, help="random-init controls (seeds 0..K-1): the spread "
+                    "of random features is the noise level SSL must clear")
     ap.add_argument("--clean", action="store_true", help="delete the workdir at the end")
     args = ap.parse_args(argv)
     if args.quick:
@@ -554,11 +579,15 @@ def main(argv: list[str] | None = None) -> int:
 
     models: dict[str, Any] = {}
     first = load_backbone(next(iter(pt["backbones"].values())))
-    torch.manual_seed(0)
-    rand = build_backbone("vit_tiny_test", embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads,
-                          in_chans=3, layerscale_init=1e-5).eval()
-    rand.metadata = first.metadata
-    models["random init"] = rand
+    rand_names = []
+    for seed in range(max(1, args.random_seeds)):
+        torch.manual_seed(seed)
+        rand = build_backbone("vit_tiny_test", embed_dim=args.embed_dim, depth=args.depth, num_heads=args.heads,
+                              in_chans=3, layerscale_init=1e-5).eval()
+        rand.metadata = first.metadata
+        name = "random init" if seed == 0 else f"random init (seed {seed})"
+        models[name] = rand
+        rand_names.append(name)
     for name, p in pt["backbones"].items():
         models[name] = load_backbone(p).eval()
     t = time.perf_counter()
@@ -586,11 +615,20 @@ def main(argv: list[str] | None = None) -> int:
     ssl_best = f"pretrain {n + m}"
     rnd, ssl, gr = probes["random init"], probes[ssl_best], probes[f"pretrain {n} + gram {m}"]
     acc = lambda r: (r["landsat"]["accuracy"] + r["s2"]["accuracy"]) / 2  # noqa: E731
+    r_acc = [acc(probes[k]) for k in rand_names]
+    r_mae = [probes[k]["canopy"]["mae_m"] for k in rand_names]
+    print(f"random init over {len(rand_names)} seeds: mean acc {np.mean(r_acc):.3f} +- {np.std(r_acc):.3f} "
+          f"(best {max(r_acc):.3f}); canopy MAE {np.mean(r_mae):.2f} +- {np.std(r_mae):.2f} m (best {min(r_mae):.2f})")
     verdict = {
         "ssl_beats_random_landcover": acc(ssl) > acc(rnd),
         "ssl_minus_random_acc": acc(ssl) - acc(rnd),
         "ssl_beats_random_canopy": ssl["canopy"]["mae_m"] < rnd["canopy"]["mae_m"],
         "random_minus_ssl_mae_m": rnd["canopy"]["mae_m"] - ssl["canopy"]["mae_m"],
+        "random_seeds": len(rand_names),
+        "ssl_beats_every_random_seed_landcover": acc(ssl) > max(r_acc),
+        "ssl_beats_every_random_seed_canopy": ssl["canopy"]["mae_m"] < min(r_mae),
+        "random_acc_mean_std": [float(np.mean(r_acc)), float(np.std(r_acc))],
+        "random_mae_mean_std_m": [float(np.mean(r_mae)), float(np.std(r_mae))],
         "gram_minus_pretrain_acc": acc(gr) - acc(ssl),
         "pretrain_minus_gram_mae_m": ssl["canopy"]["mae_m"] - gr["canopy"]["mae_m"],
     }

@@ -4,9 +4,12 @@ Each scene is cut into ``tile x tile`` windows aligned on its grid (the last row
 never dropped). Tiles whose valid fraction is below ``min_valid`` are skipped and counted. The work of a
 scene is split into blocks of tiles (as many tile rows as one block row of the files, at most
 ``SEGMENT_PX`` columns, so memory does not grow with the scene) that dask runs on threads (default) or on a
-``dask.distributed`` cluster. Pass 1 counts the valid pixels of every tile (skipped when no pixel can be
-invalid); pass 2 reads each block once and writes each strip's (tile row's) kept tiles straight into their
-Zarr chunks (one chunk per tile, so tasks never touch the same chunk), returning partial statistics.
+``dask.distributed`` cluster. Every block is read once: its task counts the valid pixels of each tile and
+writes each strip's (tile row's) kept tiles straight into their Zarr chunks (one chunk per tile, so tasks
+never touch the same chunk), into a range of slots reserved for the block's candidate tiles, returning the
+kept tiles and partial statistics. The client then closes the gaps left by skipped tiles by renaming chunk
+files (no re-encoding), so the scene's tiles are consecutive, in block order (row-major within a block).
+Statistics samples are drawn at a fixed rate of the scene's pixels, so no task needs the scene's totals.
 
 A scene is committed to the store's ledger only after all its tiles are written; a run killed midway is
 undone (truncated) by the next run, which then redoes that scene. Scenes already in the ledger (same id,
@@ -27,7 +30,6 @@ from typing import Any
 import dask
 import numpy as np
 import rasterio
-from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
 from dinov3geo.ingest.stats import BandStats
@@ -116,23 +118,6 @@ def _fingerprint(scene: Scene) -> list[list[Any]]:
 
 
 # ---------------------------------------------------------------------------------------------- tasks
-def _all_valid(scene: Scene) -> bool:
-    """True when no pixel of the scene can be invalid (no mask, no nodata, integers, on its own grid)."""
-    if scene.nodata is not None or not np.issubdtype(np.dtype(scene.dtype), np.integer):
-        return False
-    with rasterio.Env(**GDAL_ENV):
-        for path in scene.paths:
-            with rasterio.open(path) as ds:
-                if ds.crs is None or ds.crs != scene.grid.crs or ds.transform != scene.grid.transform:
-                    return False
-                if ds.shape != scene.grid.shape:
-                    return False
-                idx = [b.index for b in scene.bands if b.path == path]
-                if any(MaskFlags.all_valid not in ds.mask_flag_enums[i - 1] for i in idx):
-                    return False
-    return True
-
-
 # Tasks read windows of whole tile rows/columns: as many tile rows as one block row of the files holds (so no
 # compressed block is decoded twice), at most MAX_TASK_ROWS_PX rows, and at most SEGMENT_PX columns, so a
 # task's memory does not grow with the scene's width.
@@ -164,41 +149,58 @@ def _task_layout(scene: Scene, tile: int) -> tuple[int, int]:
     return rows, cols
 
 
-def _block_valid_counts(scene: Scene, row_offs: list[int], cols: list[int], tile: int) -> np.ndarray:
-    """Valid pixels of each tile of a block: consecutive tile rows ``row_offs`` x tile columns ``cols``."""
-    r0, c0 = row_offs[0], cols[0]
-    with scene.reader() as r:
-        chip = r.read(Window(c0, r0, cols[-1] + tile - c0, row_offs[-1] + tile - r0))
-    v = chip.valid.reshape(len(row_offs), tile, len(cols), tile)
-    return v.sum(axis=(1, 3), dtype=np.int64)
-
-
-def _block_write(
+def _block_ingest(
     scene: Scene,
     store_path: str,
-    strips: list[tuple[int, list[int], list[int], int, int]],
+    row_offs: list[int],
+    cols: list[int],
     tile: int,
     dtype: str,
-) -> list[tuple[BandStats, int]]:
-    """Read a block of consecutive tile rows once; write each row's kept tiles with :func:`_strip_write`.
+    slot0: int,
+    min_valid: float,
+    sample_rate: float,
+) -> tuple[list[tuple[int, int, float]], BandStats, int]:
+    """Read a block of tiles (consecutive tile rows ``row_offs`` x tile columns ``cols``) once, keep the tiles
+    with at least ``min_valid`` valid pixels, and write them (row-major) to slots ``slot0, slot0 + 1, ...``.
 
-    ``strips``: per tile row ``(row_off, cols, slots, seed, quota)``, as for :func:`_strip_write`.
+    Statistics: each strip's kept valid pixels go into the sample at ``sample_rate`` (a fixed share of the
+    scene's pixels, so strips need no scene totals and their samples join into a proportional one).
+
+    Returns ``[(row_off, col_off, valid_fraction)]`` of the kept tiles, their statistics, bytes written.
     """
     import zarr
 
-    arrays = (zarr.open_array(os.path.join(store_path, "tiles"), mode="r+"),
-              zarr.open_array(os.path.join(store_path, "valid"), mode="r+"))
-    kept_cols = [c for _, cols, slots, _, _ in strips for c, s in zip(cols, slots, strict=True) if s >= 0]
-    r0, c0 = strips[0][0], min(kept_cols)
+    r0, c0 = row_offs[0], cols[0]
     with scene.reader() as r:
-        chip = r.read(Window(c0, r0, max(kept_cols) + tile - c0, strips[-1][0] + tile - r0))
-    out = []
-    for row_off, cols, slots, seed, quota in strips:
+        chip = r.read(Window(c0, r0, cols[-1] + tile - c0, row_offs[-1] + tile - r0))
+    counts = chip.valid.reshape(len(row_offs), tile, len(cols), tile).sum(axis=(1, 3), dtype=np.int64)
+    frac = counts / tile**2
+    arrays = None
+    stats = BandStats(len(scene.bands))
+    kept: list[tuple[int, int, float]] = []
+    nbytes = 0
+    for i, row_off in enumerate(row_offs):
+        keep = (frac[i] >= min_valid) & (frac[i] > 0)
+        if not keep.any():
+            continue
+        slots = []
+        for j, c in enumerate(cols):
+            if keep[j]:
+                slots.append(slot0 + len(kept))
+                kept.append((row_off, c, float(frac[i, j])))
+            else:
+                slots.append(-1)
+        if arrays is None:
+            arrays = (zarr.open_array(os.path.join(store_path, "tiles"), mode="r+"),
+                      zarr.open_array(os.path.join(store_path, "valid"), mode="r+"))
         y = slice(row_off - r0, row_off - r0 + tile)
-        strip = (chip.data[:, y], chip.valid[y], c0)
-        out.append(_strip_write(scene, store_path, row_off, cols, slots, tile, dtype, seed, quota=quota,
-                                strip=strip, arrays=arrays))
-    return out
+        quota = int(sample_rate * int(counts[i][keep].sum()))
+        st, nb = _strip_write(scene, store_path, row_off, cols, slots, tile, dtype,
+                              zlib.crc32(f"{scene.id}:{row_off}:{cols[0]}".encode()), quota=quota,
+                              strip=(chip.data[:, y], chip.valid[y], c0), arrays=arrays)
+        stats.join(st)
+        nbytes += nb
+    return kept, stats, nbytes
 
 
 def _strip_write(
@@ -254,18 +256,6 @@ def _strip_write(
         vmask[s0 : s0 + n] = valid[k0 : k0 + n]
         k0 += n
     return stats, int(data.nbytes)
-
-
-def _quotas(counts: list[int], size: int) -> list[int]:
-    """Shares of a ``size``-value sample proportional to ``counts`` (largest remainders; all when fewer)."""
-    total = sum(counts)
-    if total <= size:
-        return list(counts)
-    exact = [size * n / total for n in counts]
-    q = [int(e) for e in exact]
-    for i in sorted(range(len(counts)), key=lambda i: q[i] - exact[i])[: size - sum(q)]:
-        q[i] += 1
-    return q
 
 
 def _runs(slots: list[int]) -> list[tuple[int, int]]:
@@ -448,27 +438,29 @@ def _ingest_scene(
     n_rows, n_cols = _task_layout(scene, tile)
     row_groups = [rows[i : i + n_rows] for i in range(0, len(rows), n_rows)]
     col_groups = [cols[j : j + n_cols] for j in range(0, len(cols), n_cols)]
-    # pass 1: valid pixels of every candidate tile
-    if _all_valid(scene):
-        counts = np.array([[min(tile, g.height - r) * min(tile, g.width - c) for c in cols] for r in rows],
-                          np.int64)
-    else:
-        tasks = [dask.delayed(_block_valid_counts)(scene, rg, cg, tile)
-                 for rg in row_groups for cg in col_groups]
-        parts = iter(_compute(tasks, client, workers, f"{scene.id[:28]} masks", progress))
-        counts = np.zeros((len(rows), len(cols)), np.int64)
-        for i in range(0, len(rows), n_rows):
-            for j in range(0, len(cols), n_cols):
-                counts[i : i + n_rows, j : j + n_cols] = next(parts)
-    fr = counts / tile**2
-    kept = [(r, c, float(fr[i, j])) for i, r in enumerate(rows) for j, c in enumerate(cols)
-            if fr[i, j] >= min_valid and fr[i, j] > 0]
+    blocks = [(rg, cg) for rg in row_groups for cg in col_groups]
     n_candidates = len(rows) * len(cols)
-    report.tiles_below_min_valid += n_candidates - len(kept)
-    start = ts.begin_scene(scene.id, len(kept))
-    slot_of = {(r, c): start + i for i, (r, c, _) in enumerate(kept)}
-    # per-tile metadata
+    start = ts.begin_scene(scene.id, n_candidates)  # an upper bound; given back after compaction
+    reserved, off = [], start
+    for rg, cg in blocks:
+        reserved.append(off)
+        off += len(rg) * len(cg)
+    sample_rate = BandStats(len(scene.bands)).sample_size / float(g.height * g.width)
+    tasks = [dask.delayed(_block_ingest)(scene, str(ts.path), rg, cg, tile, str(ts.dtype), slot0, min_valid,
+                                         sample_rate) for (rg, cg), slot0 in zip(blocks, reserved, strict=True)]
+    results = _compute(tasks, client, workers, f"{scene.id[:28]} tiles", progress)
+    kept: list[tuple[int, int, float]] = []
+    stats = BandStats(len(scene.bands))
+    nbytes = 0
+    for slot0, (kept_b, st, nb) in zip(reserved, results, strict=True):
+        ts.move_tiles(slot0, start + len(kept), len(kept_b))
+        kept.extend(kept_b)
+        stats.join(st)
+        nbytes += nb
     n = len(kept)
+    ts.shrink_pending(n)
+    report.tiles_below_min_valid += n_candidates - n
+    # per-tile metadata
     crs_str = scene.grid.crs.to_string() if scene.grid.crs.to_epsg() else scene.grid.crs.to_wkt()
     transforms = np.zeros((n, 6))
     bounds = np.zeros((n, 4))
@@ -488,33 +480,7 @@ def _ingest_scene(
             "row_off": np.asarray([r for r, _, _ in kept], np.int32),
             "col_off": np.asarray([c for _, c, _ in kept], np.int32),
         })
-    # pass 2: write tiles, one task per block of tiles; each strip part draws a share of the statistics sample
-    # proportional to its valid pixels, so the parts' samples join into one without resampling
-    parts_spec = []
-    for rg in row_groups:
-        for cg in col_groups:
-            strips = []
-            for r in rg:
-                slots = [slot_of.get((r, c), -1) for c in cg]
-                if any(s >= 0 for s in slots):
-                    n_valid = sum(int(counts[r // tile, c // tile])
-                                  for c, s in zip(cg, slots, strict=True) if s >= 0)
-                    strips.append([r, cg, slots, zlib.crc32(f"{scene.id}:{r}:{cg[0]}".encode()), n_valid])
-            if strips:
-                parts_spec.append(strips)
-    stats = BandStats(len(scene.bands))
-    flat = [st for strips in parts_spec for st in strips]
-    for st, q in zip(flat, _quotas([st[4] for st in flat], stats.sample_size), strict=True):
-        st[4] = q
-    tasks = [dask.delayed(_block_write)(scene, str(ts.path), [tuple(st) for st in strips], tile,
-                                        str(ts.dtype)) for strips in parts_spec]
-    results = _compute(tasks, client, workers, f"{scene.id[:28]} tiles", progress)
     rng = np.random.default_rng(0)
-    nbytes = 0
-    for part in results:
-        for st, nb in part:
-            stats.join(st)
-            nbytes += nb
     record = {
         "id": scene.id,
         "sources": list(scene.paths),

@@ -24,6 +24,7 @@ and the store stays readable at every moment.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,34 @@ class TileStore:
         self.group.attrs["pending"] = {"id": scene_id, "tile_start": start, "tile_count": n_tiles}
         self._resize(start + n_tiles)
         return start
+
+    def move_tiles(self, src: int, dst: int, n: int) -> None:
+        """Move tiles ``src..src+n-1`` (pixels and masks) to ``dst..dst+n-1`` (``dst <= src``) by renaming their
+        chunk files (one chunk per tile): no decoding or re-encoding. Used to close the gaps that tiles below
+        ``min_valid`` leave in the slot ranges reserved for each ingestion block."""
+        if dst > src:
+            raise ValueError(f"tiles only move down (dst {dst} > src {src})")
+        if dst == src or n <= 0:
+            return
+        root = Path(str(self.path))
+        for name in ("tiles", "valid"):
+            arr = self.group[name]
+            zeros = (0,) * (arr.ndim - 1)
+            for i in range(n):  # increasing order: a destination is either free or already moved away
+                a = root / name / arr.metadata.encode_chunk_key((src + i, *zeros))
+                b = root / name / arr.metadata.encode_chunk_key((dst + i, *zeros))
+                if a.exists():
+                    b.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(a, b)
+                elif b.exists():  # the moved tile has no chunk (equal to the fill value): drop a stale one
+                    b.unlink()
+
+    def shrink_pending(self, n_tiles: int) -> None:
+        """Give back the reserved slots of the pending scene beyond its first ``n_tiles``."""
+        pending = dict(self.group.attrs["pending"])
+        pending["tile_count"] = int(n_tiles)
+        self._resize(int(pending["tile_start"]) + int(n_tiles))
+        self.group.attrs["pending"] = pending
 
     def write_meta(self, start: int, meta: dict[str, np.ndarray]) -> None:
         """Write per-tile metadata arrays for slots ``start:start+len``."""

@@ -195,9 +195,8 @@ def _block_ingest(
                       zarr.open_array(os.path.join(store_path, "valid"), mode="r+"))
         y = slice(row_off - r0, row_off - r0 + tile)
         quota = int(sample_rate * int(counts[i][keep].sum()))
-        st, nb = _strip_write(scene, store_path, row_off, cols, slots, tile, dtype,
-                              zlib.crc32(f"{scene.id}:{row_off}:{cols[0]}".encode()), quota=quota,
-                              strip=(chip.data[:, y], chip.valid[y], c0), arrays=arrays)
+        st, nb = _strip_write(scene, cols, slots, tile, dtype, zlib.crc32(f"{scene.id}:{row_off}:{cols[0]}".encode()),
+                              quota=quota, strip=(chip.data[:, y], chip.valid[y], c0), arrays=arrays)
         stats.join(st)
         nbytes += nb
     return kept, stats, nbytes
@@ -205,35 +204,25 @@ def _block_ingest(
 
 def _strip_write(
     scene: Scene,
-    store_path: str,
-    row_off: int,
     cols: list[int],
     slots: list[int],
     tile: int,
     dtype: str,
     seed: int,
-    quota: int | None = None,
-    strip: tuple[np.ndarray, np.ndarray, int] | None = None,
-    arrays: tuple[Any, Any] | None = None,
+    quota: int,
+    strip: tuple[np.ndarray, np.ndarray, int],
+    arrays: tuple[Any, Any],
 ) -> tuple[BandStats, int]:
     """Write the kept tiles of one strip (tile row) into their slots, return statistics of their valid pixels.
 
-    ``strip``: the strip's pixels already read, as ``(data [bands, tile, w], valid [tile, w], col_off of
-    column 0)``; read here when None. ``quota``: sample share of these pixels (see :meth:`BandStats.update`).
-    ``arrays``: the store's ``tiles`` and ``valid`` arrays already open (opened here when None).
+    ``slots``: one per column, -1 for tiles not kept. ``strip``: the strip's pixels as ``(data [bands, tile, w],
+    valid [tile, w], col_off of column 0)``. ``quota``: sample share of these pixels (see
+    :meth:`BandStats.update`). ``arrays``: the store's ``tiles`` and ``valid`` arrays, open for writing.
     """
-    import zarr
-
     stats = BandStats(len(scene.bands))
     keep = [(c, s) for c, s in zip(cols, slots, strict=True) if s >= 0]
     if not keep:
         return stats, 0
-    if strip is None:
-        c0 = keep[0][0]
-        width = keep[-1][0] + tile - c0
-        with scene.reader() as r:
-            chip = r.read(Window(c0, row_off, width, tile))
-        strip = (chip.data, chip.valid, c0)
     sdata, svalid, x0 = strip
     rng = np.random.default_rng(seed)
     data = np.empty((len(keep), len(scene.bands), tile, tile), dtype=dtype)
@@ -244,9 +233,6 @@ def _strip_write(
         valid[k] = svalid[:, sl]
     # statistics of the whole strip at once (one sample draw, not one per tile)
     stats.update(data.transpose(1, 0, 2, 3), valid, rng, quota=quota)
-    if arrays is None:
-        arrays = (zarr.open_array(os.path.join(store_path, "tiles"), mode="r+"),
-                  zarr.open_array(os.path.join(store_path, "valid"), mode="r+"))
     tiles, vmask = arrays
     # keep slots are consecutive (row-major order of kept tiles): write runs in one call each
     runs = _runs([s for _, s in keep])

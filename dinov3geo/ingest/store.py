@@ -164,6 +164,10 @@ class TileStore:
                 if a.exists():
                     b.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(a, b)
+                    d = a.parent  # drop the chunk's now empty folders (c/<slot>/0/...)
+                    while d != root / name and d.is_dir() and not any(d.iterdir()):
+                        d.rmdir()
+                        d = d.parent
                 elif b.exists():  # the moved tile has no chunk (equal to the fill value): drop a stale one
                     b.unlink()
 

@@ -17,7 +17,7 @@ import xarray as xr
 from rasterio.transform import from_origin
 
 from dinov3geo.ingest import TileStore, ingest
-from dinov3geo.io import OutputError, open_scene
+from dinov3geo.io import OutputError, Scene, open_scene
 from dinov3geo.io.windows import tile_windows
 
 ingest_module = sys.modules["dinov3geo.ingest.ingest"]
@@ -241,3 +241,46 @@ def test_reprojected_ingest_and_mixed_crs(shared_data, tmp_path):
     assert set(ts.group["crs"][: ts.n_tiles]) == {"EPSG:32631"}
     tr = ts.group["transform"][0]
     assert tr[0] == pytest.approx(10.0) and tr[4] == pytest.approx(-10.0)
+
+
+def test_single_read_blocks_compact_into_consecutive_slots(tmp_path, monkeypatch):
+    """Blocks of 2 x 2 tiles: tiles below min_valid leave gaps in each block's reserved slot range, which are
+    closed by moving chunk files (masks included); every stored tile equals a direct read of its window and
+    each block's window is read exactly once."""
+    monkeypatch.setattr(ingest_module, "SEGMENT_PX", 128)  # 2 tile columns per block
+    monkeypatch.setattr(ingest_module, "MAX_TASK_ROWS_PX", 128)  # 2 tile rows per block (file blocks 128)
+    rng = np.random.default_rng(3)
+    arr = rng.integers(1, 4000, size=(2, 256, 320), dtype=np.uint16)
+    arr[:, :64, :64] = 0  # tile (0, 0) empty: skipped
+    arr[:, 64:128, 200:256] = 0  # tile (64, 192): 8 of 64 columns valid -> skipped at min_valid 0.5
+    arr[:, 130:150, 10:30] = 0  # tile (128, 0): a hole, kept with a mask
+    path = tmp_path / "gaps.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=320, height=256, count=2, dtype="uint16", nodata=0,
+                       crs="EPSG:32633", transform=from_origin(400000, 5000000, 10, 10), tiled=True,
+                       blockxsize=128, blockysize=128) as ds:
+        ds.write(arr)
+    reads = []
+    real_reader = Scene.reader
+
+    def counting_reader(self):  # noqa: ANN001, ANN202
+        reads.append(1)
+        return real_reader(self)
+
+    monkeypatch.setattr(Scene, "reader", counting_reader)
+    ingest([path], tmp_path / "s.zarr", tile_size=64, progress=False, workers=2)
+    monkeypatch.setattr(Scene, "reader", real_reader)
+    ts = TileStore.open(tmp_path / "s.zarr")
+    sc = open_scene(path)
+    kept = [(r, c) for r in range(0, 256, 64) for c in range(0, 320, 64) if (r, c) not in ((0, 0), (64, 192))]
+    assert ts.n_tiles == len(kept) == 18
+    assert len(reads) == 2 * 3  # one read per block (2 block rows x 3 block columns), no counting pass
+    a = _store_arrays(tmp_path / "s.zarr")
+    got = sorted(zip(a["row_off"].tolist(), a["col_off"].tolist(), range(ts.n_tiles), strict=True))
+    assert [(r, c) for r, c, _ in got] == sorted(kept)
+    for r, c, i in got:
+        chip = sc.read(rasterio.windows.Window(c, r, 64, 64))
+        np.testing.assert_array_equal(a["tiles"][i], chip.data)
+        np.testing.assert_array_equal(a["valid"][i], chip.valid)
+    hole = next(i for r, c, i in got if (r, c) == (128, 0))
+    assert not a["valid"][hole].all()  # a mask chunk that had to move with its tile
+    assert not any((tmp_path / "s.zarr" / "tiles" / "c" / str(k)).exists() for k in range(18, 20))

@@ -8,7 +8,7 @@ from dinov3geo.io.errors import (
     RasterReadError,
 )
 from dinov3geo.io.grid import GridSpec
-from dinov3geo.io.scene import Band, Chip, Scene, SceneReader, target_grid
+from dinov3geo.io.scene import Band, Chip, Scene, SceneReader, open_raster, target_grid
 from dinov3geo.io.sources import datetime_from_name, gdal_path, open_scene
 from dinov3geo.io.windows import clip_window, tile_windows
 
@@ -26,6 +26,7 @@ __all__ = [
     "clip_window",
     "datetime_from_name",
     "gdal_path",
+    "open_raster",
     "open_scene",
     "target_grid",
     "tile_windows",

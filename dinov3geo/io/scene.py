@@ -12,6 +12,7 @@ Open scenes with :func:`dinov3geo.io.open_scene`; this module holds the reading 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -220,7 +221,7 @@ class SceneReader:
                 fidx.append(b.index)
                 oidx.append(i)
             for path, (fidx, oidx) in groups.items():
-                raw = _open_raster(path)
+                raw = open_raster(path)
                 try:
                     ds = self._aligned_or_warped(raw, path)
                 except Exception:
@@ -312,7 +313,10 @@ def _same_transform(a: Any, b: Any, res: tuple[float, float], tol: float = 1e-6)
     return all(abs(x - y) <= tol * scale for x, y in zip(tuple(a)[:6], tuple(b)[:6], strict=True))
 
 
-def _open_raster(path: str) -> Any:
+def open_raster(path: str | os.PathLike[str]) -> Any:
+    """``rasterio.open(path)`` for reading, with a :class:`RasterReadError` naming the file when it cannot be
+    opened or has no bands. Use as a context manager."""
+    path = os.fspath(path)
     try:
         ds = rasterio.open(path)
     except rasterio.errors.RasterioIOError as e:

@@ -26,9 +26,9 @@ from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.windows import Window
 
-from dinov3geo.io.errors import MissingCRSError, RasterReadError
+from dinov3geo.io.errors import MissingCRSError
 from dinov3geo.io.grid import GridSpec
-from dinov3geo.io.scene import GDAL_ENV
+from dinov3geo.io.scene import GDAL_ENV, open_raster
 from dinov3geo.io.vector import aoi_geometry, aoi_mask
 from dinov3geo.io.windows import clip_window, tile_windows
 from dinov3geo.tasks.canopy.labels import CHMAligner, NegativePolicy
@@ -111,10 +111,7 @@ def evaluate_rasters(
         raise ValueError(f"window must be >= 1 pixel, got {window}")
     acc = CanopyMetricAccumulator(bins=bins, block=block, border=border, cover_thresholds=cover_thresholds)
     with rasterio.Env(**GDAL_ENV):
-        try:
-            pds = rasterio.open(pred_path)
-        except rasterio.errors.RasterioIOError as e:
-            raise RasterReadError(pred_path, str(e)) from e
+        pds = open_raster(pred_path)
         with pds:
             if not 1 <= band <= pds.count:
                 raise ValueError(
@@ -196,10 +193,7 @@ def _open_split_mask(split_mask: Any, grid: GridSpec) -> tuple[np.ndarray | None
         return None, None, None
     if isinstance(split_mask, str | os.PathLike):
         path = os.fspath(split_mask)
-        try:
-            ds = rasterio.open(path)
-        except rasterio.errors.RasterioIOError as e:
-            raise RasterReadError(path, str(e)) from e
+        ds = open_raster(path)
         if ds.crs is None:
             ds.close()
             raise MissingCRSError(path, hint="The split mask raster must be georeferenced.")

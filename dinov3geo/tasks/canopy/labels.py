@@ -33,9 +33,9 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window, from_bounds
 
-from dinov3geo.io.errors import MissingCRSError, RasterReadError
+from dinov3geo.io.errors import MissingCRSError
 from dinov3geo.io.grid import GridSpec
-from dinov3geo.io.scene import GDAL_ENV, target_grid
+from dinov3geo.io.scene import GDAL_ENV, open_raster, target_grid
 from dinov3geo.io.sources import open_scene
 
 __all__ = [
@@ -134,11 +134,8 @@ class CHMAligner:
         self.nodata = nodata
         self.negative = negative
         self.resampling = resampling
-        try:
-            with rasterio.Env(**GDAL_ENV):
-                self._ds = rasterio.open(self.path)
-        except rasterio.errors.RasterioIOError as e:
-            raise RasterReadError(self.path, str(e)) from e
+        with rasterio.Env(**GDAL_ENV):
+            self._ds = open_raster(self.path)
         try:
             if not 1 <= self.band <= self._ds.count:
                 raise ValueError(

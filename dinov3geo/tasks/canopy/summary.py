@@ -34,9 +34,9 @@ import rasterio
 import shapely
 from rasterio.windows import Window
 
-from dinov3geo.io.errors import MissingCRSError, RasterReadError
+from dinov3geo.io.errors import MissingCRSError
 from dinov3geo.io.grid import GridSpec
-from dinov3geo.io.scene import GDAL_ENV
+from dinov3geo.io.scene import GDAL_ENV, open_raster
 from dinov3geo.io.vector import aoi_mask, area_ha, read_vector, write_vector
 from dinov3geo.io.windows import clip_window
 from dinov3geo.utils.atomic import atomic_path, check_writable
@@ -91,10 +91,7 @@ def summarise_heights(
     cover_col = f"cover_share_{cover_threshold:g}m"
     rows: list[dict[str, float]] = []
     with rasterio.Env(**GDAL_ENV):
-        try:
-            ds = rasterio.open(raster)
-        except rasterio.errors.RasterioIOError as e:
-            raise RasterReadError(raster, str(e)) from e
+        ds = open_raster(raster)
         with ds:
             if not 1 <= band <= ds.count:
                 raise ValueError(f"band {band} not found in {raster!r} ({ds.count} band(s)); give the height band")

@@ -39,6 +39,14 @@ VERSION = 1
 PER_TILE = ("valid", "scene_id", "datetime", "crs", "transform", "bounds", "valid_fraction", "row_off", "col_off")
 
 
+def _drop_empty_folders(folder: Path, stop: Path) -> None:
+    """Remove ``folder`` and its parents up to (not including) ``stop`` while they are empty: the per-tile
+    folders (``c/<slot>/0/...``) of stores written with the "/" chunk-key separator."""
+    while folder != stop and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        folder = folder.parent
+
+
 class TileStoreError(ValueError):
     """A tile store is missing, of another format, or inconsistent with the requested ingestion."""
 
@@ -68,15 +76,18 @@ class TileStore:
         p = Path(path)
         g = zarr.open_group(str(p), mode="w-")
         t, nb = tile_size, len(band_names)
+        # one chunk file per tile named ``c.<tile>.0.0.0`` in the array's folder: the default "/" separator
+        # would make three folders per tile (c/<tile>/0/0/), which cost more to create than the chunk itself
+        flat = {"name": "default", "separator": "."}
         g.create_array(
             "tiles", shape=(0, nb, t, t), chunks=(1, nb, t, t), dtype=dtype, fill_value=0,
-            dimension_names=["tile", "band", "y", "x"],
+            chunk_key_encoding=flat, dimension_names=["tile", "band", "y", "x"],
             attributes={"coordinates": "scene_id datetime crs transform bounds valid_fraction row_off col_off"},
         )
         # fill True: the mask chunk of an entirely valid tile equals the fill value and is never written
         # (Zarr skips empty chunks), which saves one chunk file per tile for most tiles
         g.create_array("valid", shape=(0, t, t), chunks=(1, t, t), dtype=bool, fill_value=True,
-                       dimension_names=["tile", "y", "x"])
+                       chunk_key_encoding=flat, dimension_names=["tile", "y", "x"])
         meta_chunk = 4096
         g.create_array("scene_id", shape=(0,), chunks=(meta_chunk,), dtype=str, dimension_names=["tile"])
         g.create_array("datetime", shape=(0,), chunks=(meta_chunk,), dtype="datetime64[ns]",
@@ -164,12 +175,10 @@ class TileStore:
                 if a.exists():
                     b.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(a, b)
-                    d = a.parent  # drop the chunk's now empty folders (c/<slot>/0/...)
-                    while d != root / name and d.is_dir() and not any(d.iterdir()):
-                        d.rmdir()
-                        d = d.parent
+                    _drop_empty_folders(a.parent, root / name)
                 elif b.exists():  # the moved tile has no chunk (equal to the fill value): drop a stale one
                     b.unlink()
+                    _drop_empty_folders(b.parent, root / name)
 
     def shrink_pending(self, n_tiles: int) -> None:
         """Give back the reserved slots of the pending scene beyond its first ``n_tiles``."""

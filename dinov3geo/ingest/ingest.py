@@ -235,12 +235,19 @@ def _strip_write(
     stats.update(data.transpose(1, 0, 2, 3), valid, rng, quota=quota)
     tiles, vmask = arrays
     # keep slots are consecutive (row-major order of kept tiles): write runs in one call each
-    runs = _runs([s for _, s in keep])
+    slots = [s for _, s in keep]
     k0 = 0
-    for s0, n in runs:
+    for s0, n in _runs(slots):
         tiles[s0 : s0 + n] = data[k0 : k0 + n]
-        vmask[s0 : s0 + n] = valid[k0 : k0 + n]
         k0 += n
+    # masks only where a tile has invalid pixels: an all-valid mask equals the fill value (True), which Zarr
+    # would compare and drop chunk by chunk; the reserved slots are fresh (no stale chunk to overwrite)
+    partial = ~valid.reshape(len(keep), -1).all(axis=1)
+    if partial.any():
+        idx = np.flatnonzero(partial)
+        for s0, n in _runs([slots[i] for i in idx]):
+            k = slots.index(s0)
+            vmask[s0 : s0 + n] = valid[k : k + n]
     return stats, int(data.nbytes)
 
 

@@ -31,11 +31,26 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec
 
 from dinov3geo.ingest.stats import PERCENTILES, BandStats
 
 FORMAT = "dinov3geo.tilestore"
 VERSION = 1
+
+
+def tile_codec() -> BloscCodec:
+    """Compressor of the tile chunks: Blosc byte-shuffle + Zstandard level 1. Measured on 256 x 256 x 4 uint16
+    image tiles: 1.74x smaller at ~900 MB/s encoding (one thread), against Zarr's default (Zstandard level 3,
+    no shuffle) 1.50x at ~180 MB/s; decoding ~1.8 GB/s (``benchmarks/README.md``)."""
+    return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+
+
+def mask_codec() -> BloscCodec:
+    """Compressor of the valid-pixel masks (bool): bit-shuffle packs eight pixels per byte before Zstandard."""
+    return BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle")
+
+
 PER_TILE = ("valid", "scene_id", "datetime", "crs", "transform", "bounds", "valid_fraction", "row_off", "col_off")
 
 
@@ -81,13 +96,13 @@ class TileStore:
         flat = {"name": "default", "separator": "."}
         g.create_array(
             "tiles", shape=(0, nb, t, t), chunks=(1, nb, t, t), dtype=dtype, fill_value=0,
-            chunk_key_encoding=flat, dimension_names=["tile", "band", "y", "x"],
+            chunk_key_encoding=flat, compressors=tile_codec(), dimension_names=["tile", "band", "y", "x"],
             attributes={"coordinates": "scene_id datetime crs transform bounds valid_fraction row_off col_off"},
         )
         # fill True: the mask chunk of an entirely valid tile equals the fill value and is never written
         # (Zarr skips empty chunks), which saves one chunk file per tile for most tiles
         g.create_array("valid", shape=(0, t, t), chunks=(1, t, t), dtype=bool, fill_value=True,
-                       chunk_key_encoding=flat, dimension_names=["tile", "y", "x"])
+                       chunk_key_encoding=flat, compressors=mask_codec(), dimension_names=["tile", "y", "x"])
         meta_chunk = 4096
         g.create_array("scene_id", shape=(0,), chunks=(meta_chunk,), dtype=str, dimension_names=["tile"])
         g.create_array("datetime", shape=(0,), chunks=(meta_chunk,), dtype="datetime64[ns]",

@@ -284,9 +284,20 @@ class SceneReader:
         if window is None:
             window = Window(0, 0, g.width, g.height)
         h, w = int(window.height), int(window.width)
-        data = np.full((len(sc.bands), h, w), fill, dtype=sc.dtype)
-        valid = np.zeros((h, w), dtype=bool)
+        n = len(sc.bands)
         cw = clip_window(window, g.height, g.width)
+        direct = self._direct_group(cw, h, w)
+        if direct is not None:
+            # the window lies inside the grid and one file holds every band in order, in the scene dtype:
+            # GDAL decodes straight into the output (no fill, no second copy)
+            ds, fidx = direct
+            data = np.empty((n, h, w), dtype=sc.dtype)
+            _, valid = _read_group(ds, fidx, cw.inner, sc.nodata, out=data)
+            if fill is not None and not valid.all():
+                np.copyto(data, np.asarray(fill).astype(data.dtype), where=~valid)
+            return Chip(data, valid, g.window_grid(window), sc.band_names)
+        data = np.full((n, h, w), fill, dtype=sc.dtype)
+        valid = np.zeros((h, w), dtype=bool)
         if cw.inner is not None:
             ih, iw = int(cw.inner.height), int(cw.inner.width)
             inner_valid = np.ones((ih, iw), dtype=bool)
@@ -303,9 +314,26 @@ class SceneReader:
                 inner_valid &= covered
                 inner[oidx, fw.rows, fw.cols] = arr
             valid[cw.rows, cw.cols] = inner_valid
-            if fill is not None:
-                inner[:, ~inner_valid] = fill
+            if fill is not None and not inner_valid.all():
+                np.copyto(inner, np.asarray(fill).astype(inner.dtype), where=~inner_valid)
         return Chip(data, valid, g.window_grid(window), sc.band_names)
+
+    def _direct_group(self, cw: Any, h: int, w: int) -> tuple[Any, list[int]] | None:
+        """``(dataset, band indexes)`` when the clipped window ``cw`` is the whole requested ``h x w`` window
+        and a single open file of the scene's dtype holds all bands in output order over it; else None."""
+        if cw.inner is None or len(self._groups) != 1:
+            return None
+        if (int(cw.inner.height), int(cw.inner.width)) != (h, w):
+            return None
+        ds, fidx, oidx, _raw = self._groups[0]
+        if list(oidx) != list(range(len(self.scene.bands))) or np.dtype(ds.dtypes[fidx[0] - 1]) != self.scene.dtype:
+            return None
+        if any(ds.dtypes[i - 1] != ds.dtypes[fidx[0] - 1] for i in fidx):
+            return None
+        fw = clip_window(cw.inner, ds.height, ds.width)
+        if fw.inner is None or (int(fw.inner.height), int(fw.inner.width)) != (h, w):
+            return None
+        return ds, list(fidx)
 
 
 def _same_transform(a: Any, b: Any, res: tuple[float, float], tol: float = 1e-6) -> bool:
@@ -327,10 +355,12 @@ def open_raster(path: str | os.PathLike[str]) -> Any:
     return ds
 
 
-def _read_group(ds: Any, indexes: list[int], window: Window, nodata: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """Read bands of one dataset and their joint valid mask."""
+def _read_group(
+    ds: Any, indexes: list[int], window: Window, nodata: float | None, out: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read bands of one dataset (into ``out`` when given) and their joint valid mask."""
     try:
-        arr = ds.read(indexes, window=window)
+        arr = ds.read(indexes, window=window, out=out)
     except rasterio.errors.RasterioIOError as e:
         raise RasterReadError(ds.name, f"reading window {window}: {e}") from e
     valid = np.ones(arr.shape[1:], dtype=bool)

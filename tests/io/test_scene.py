@@ -288,3 +288,21 @@ def test_file_covering_part_of_a_larger_grid(make_raster):
     shifted = GridSpec.from_bounds(*(np.array(sc.grid.bounds) + [-300, -300, 300, 300]), res=10, crs=sc.grid.crs)
     c2 = sc.with_grid(shifted).read()
     assert c2.valid.sum() == 50 * 40
+
+
+@pytest.mark.parametrize("bands", [None, ["blue", "red"]])
+def test_inner_windows_equal_boundless_reads(shared_data, bands):
+    """Windows inside the grid (decoded straight into the output) give the same pixels, masks and fill as the
+    same pixels cut out of a window that reaches past the grid (the general path)."""
+    sc = open_scene(shared_data / "landsat/rasterio_RGB.byte.tif", bands=bands)
+    h, w = sc.grid.shape
+    big = sc.read(Window(-7, h - 300, 400, 320), fill=0)  # past the left and bottom edges
+    inner = Window(10, h - 290, 300, 250)  # inside the grid, crossing the nodata collar
+    for fill in (0, 17):
+        chip = sc.read(inner, fill=fill)
+        ref = sc.read(Window(-7, h - 300, 400, 320), fill=fill)
+        sl = (slice(10, 260), slice(17, 317))
+        np.testing.assert_array_equal(chip.valid, ref.valid[sl])
+        np.testing.assert_array_equal(chip.data, ref.data[(slice(None), *sl)])
+        assert 0 < chip.valid.mean() < 1 and (chip.data[:, ~chip.valid] == fill).all()
+    assert big.data.dtype == chip.data.dtype == np.uint8

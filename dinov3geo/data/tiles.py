@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dinov3geo.ingest.store import TileStore
+from dinov3geo.ingest.store import ChunkReader, TileStore
 
 NormalizeSpec = bool | str | tuple[Sequence[float], Sequence[float]]
 
@@ -92,8 +92,8 @@ class TileDataset(Dataset):
     def _open(self) -> None:
         import zarr
 
-        self._tiles = zarr.open_array(str(self.path / "tiles"), mode="r")
-        self._valid = zarr.open_array(str(self.path / "valid"), mode="r")
+        self._tiles = ChunkReader(zarr.open_array(str(self.path / "tiles"), mode="r"))
+        self._valid = ChunkReader(zarr.open_array(str(self.path / "valid"), mode="r"))
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw ``(pixels [bands, T, T], valid [T, T])`` of one tile as numpy arrays."""

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,74 @@ def _drop_empty_folders(folder: Path, stop: Path) -> None:
     while folder != stop and folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
         folder = folder.parent
+
+
+class ChunkReader:
+    """Fast random access to one index of the first axis of an array chunked one index per chunk (the tile
+    store's ``tiles`` and ``valid``): ``reader[i]`` equals ``array[i]``.
+
+    For a local Zarr v3 array whose codecs are ``bytes`` + one ``blosc`` or ``zstd`` compressor, the chunk
+    file is read and decoded on the calling thread (~0.1 ms for a 256 x 256 x 4 tile) instead of through
+    Zarr's event loop (~1 ms of CPU per read, most of it asyncio bookkeeping) — what a pretraining data
+    loader does thousands of times per second. A missing chunk is the fill value, as in Zarr. Other arrays
+    (remote stores, other codecs) are read through Zarr.
+    """
+
+    def __init__(self, arr: zarr.Array) -> None:
+        self.array = arr
+        self.shape = tuple(arr.shape[1:])
+        self.dtype = np.dtype(arr.dtype)
+        self._decoder = self._make_decoder(arr)
+        self._blosc = type(self._decoder).__name__ == "Blosc"
+        self._root = Path(str(arr.store.root)) / arr.path if self._decoder is not None else None
+        self._zeros = (0,) * (arr.ndim - 1)
+
+    @staticmethod
+    def _make_decoder(arr: zarr.Array) -> Any | None:
+        from numcodecs import Blosc, Zstd
+        from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+        from zarr.storage import LocalStore
+
+        md = arr.metadata
+        if not isinstance(arr.store, LocalStore) or md.zarr_format != 3 or arr.order != "C":
+            return None
+        if tuple(arr.chunks) != (1, *arr.shape[1:]) or len(md.codecs) != 2:
+            return None
+        if not isinstance(arr.dtype, np.dtype) or arr.dtype.kind not in "biuf":
+            return None
+        b, c = md.codecs
+        if not isinstance(b, BytesCodec):
+            return None
+        if arr.dtype.itemsize > 1 and (b.endian is None or b.endian.value != sys.byteorder):
+            return None
+        if isinstance(c, BloscCodec):
+            return Blosc()  # Blosc frames carry their own parameters
+        if isinstance(c, ZstdCodec):
+            return Zstd()
+        return None
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if self._decoder is None or not 0 <= index < self.array.shape[0]:
+            return np.asarray(self.array[index])
+        path = self._root / self.array.metadata.encode_chunk_key((index, *self._zeros))  # type: ignore[operator]
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return np.full(self.shape, self.array.fill_value, dtype=self.dtype)
+        out = np.empty(self.shape, dtype=self.dtype)
+        try:
+            if self._blosc:  # Blosc trusts its header: check it against the file before decoding
+                # Blosc 1 header: version, versionlz, flags, typesize (1 byte each), then little-endian
+                # uint32 nbytes, blocksize, cbytes
+                if len(raw) < 16:
+                    raise ValueError(f"{len(raw)} bytes is shorter than a Blosc header")
+                nbytes, _, cbytes = struct.unpack_from("<III", raw, 4)
+                if cbytes != len(raw) or nbytes != out.nbytes:
+                    raise ValueError(f"{len(raw)} bytes on disk for a {cbytes}-byte Blosc frame of {nbytes} bytes")
+            self._decoder.decode(raw, out=out)
+        except (RuntimeError, ValueError) as e:
+            raise TileStoreError(f"cannot decode chunk {path} ({e}); the store is damaged: re-ingest the scene") from e
+        return out
 
 
 class TileStoreError(ValueError):

@@ -58,3 +58,33 @@ def test_move_tiles_refuses_upward_moves(tmp_path: Path) -> None:
     _fill(ts, 3)
     with pytest.raises(ValueError, match="only move down"):
         ts.move_tiles(0, 2, 1)
+
+
+@pytest.mark.parametrize("codec", ["store", "zstd", "other"])
+def test_chunk_reader_equals_zarr(tmp_path: Path, codec: str) -> None:
+    """Direct chunk reads equal Zarr's for the store's codecs, Zarr's default and a fallback codec; missing
+    chunks read as the fill value; damaged chunks raise an error naming the file."""
+    from zarr.codecs import GzipCodec
+
+    from dinov3geo.ingest.store import ChunkReader, TileStoreError
+
+    ts = TileStore.create(tmp_path / "s.zarr", ["a", "b"], 8, "uint16")
+    if codec != "store":
+        kw = {} if codec == "zstd" else {"compressors": GzipCodec()}
+        ts.group.create_array("tiles", shape=(0, 2, 8, 8), chunks=(1, 2, 8, 8), dtype="uint16", fill_value=0,
+                              overwrite=True, **kw)
+        ts.group.create_array("valid", shape=(0, 8, 8), chunks=(1, 8, 8), dtype=bool, fill_value=True,
+                              overwrite=True, **kw)
+    data, valid = _fill(ts, 5)
+    tiles, vmask = ChunkReader(ts.group["tiles"]), ChunkReader(ts.group["valid"])
+    assert (tiles._decoder is None) == (codec == "other")
+    for i in range(5):
+        got = tiles[i]
+        assert got.dtype == np.uint16 and got.flags.writeable
+        np.testing.assert_array_equal(got, data[i])
+        np.testing.assert_array_equal(vmask[i], valid[i])  # odd tiles: no mask chunk -> fill True
+    if codec == "store":
+        chunk = tmp_path / "s.zarr" / "tiles" / "c.3.0.0.0"
+        chunk.write_bytes(chunk.read_bytes()[:-5])
+        with pytest.raises(TileStoreError, match="c.3.0.0.0"):
+            tiles[3]

@@ -290,6 +290,33 @@ def test_fast_rope_equals_reference_formula(dtype: torch.dtype, table_dtype: str
     assert torch.equal(out[..., :5, :], xr[..., :5, :].to(dtype))  # prefix only goes through the cast
 
 
+@pytest.mark.parametrize(
+    ("dtype", "table_dtype"),
+    [(torch.float32, "fp32"), (torch.bfloat16, "fp32"), (torch.float32, "bf16"), (torch.bfloat16, "bf16")],
+)
+def test_rope_gradients_equal_reference_autograd(dtype: torch.dtype, table_dtype: str) -> None:
+    """With autograd, RoPE's hand-written backward gives the very gradients autograd computes through the
+    official formula (cast to the table dtype, x*cos + rotate_half(x)*sin, concatenation, cast back)."""
+    from dinov3geo.models.layers.attention import apply_rope_prefix
+    from dinov3geo.models.layers.rope import rope_apply
+
+    rope = build_backbone("vit_tiny_test", rope_dtype=table_dtype).train().rope_embed
+    sin, cos = rope(H=3, W=4)
+    x0 = torch.randn(2, 2, 3, 5 + 12, 32).to(dtype)
+    g = torch.randn(x0.shape).to(dtype)
+    x_ref = x0.clone().requires_grad_(True)
+    xr = x_ref.to(sin.dtype)
+    ref = torch.cat([xr[..., :5, :], rope_apply(xr[..., 5:, :], sin, cos)], dim=-2).to(dtype)
+    ref.backward(g)
+    x = x0.clone().requires_grad_(True)
+    out = apply_rope_prefix(x * 1, (sin, cos))  # a non-leaf input, as q/k are in attention
+    assert out.grad_fn is not None and "RopePrefix" in type(out.grad_fn).__name__
+    out.backward(g)
+    assert torch.equal(out.detach(), ref.detach())
+    assert x.grad is not None and x.grad.dtype == dtype
+    assert torch.equal(x.grad, x_ref.grad)
+
+
 @pytest.mark.parametrize("arch", ["vit_tiny_test", "vit_tiny_swiglu_test"])
 @pytest.mark.parametrize("bf16", [False, True])
 def test_no_grad_fast_path_is_exact(arch: str, bf16: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,35 @@ class LinearKMaskedBias(nn.Linear):
         return F.linear(input, self.weight, masked_bias)
 
 
+class _RopePrefix(torch.autograd.Function):
+    """RoPE on the tokens after a prefix, with the official floats forward *and* backward and nothing saved
+    but the tables: the backward of ``cast(cat(prefix, x*cos + rotate_half(x)*sin))`` written out
+    (``g*cos + rotate_half^T(g*sin)`` in the table dtype, one rounding to the input dtype), instead of
+    autograd's graph of slices, concatenations and casts over q and k of every block."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(sin, cos)
+        ctx.x_dtype = x.dtype
+        with torch.no_grad():
+            return _rope_prefix(x, sin, cos)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        sin, cos = ctx.saved_tensors
+        n_prefix = g.shape[-2] - sin.shape[-2]
+        gw = g.to(sin.dtype)  # the backward of the official cast to the input dtype
+        gp = gw[..., n_prefix:, :]
+        half = gp.shape[-1] // 2
+        out = torch.empty(g.shape, dtype=sin.dtype, device=g.device)
+        out[..., :n_prefix, :] = gw[..., :n_prefix, :]
+        res = torch.mul(gp, cos, out=out[..., n_prefix:, :])
+        # rotate_half^T([w1, w2]) = [w2, -w1] with w = g*sin; a + (-b) == a - b exactly
+        res[..., :half] += gp[..., half:] * sin[..., half:]
+        res[..., half:] -= gp[..., :half] * sin[..., :half]
+        return out.to(ctx.x_dtype), None, None
+
+
 def apply_rope_prefix(x: Tensor, rope: RopeTables) -> Tensor:
     """Apply RoPE to the last ``sin.shape[-2]`` tokens of ``x`` (``[..., N, Dh]``); the prefix is not rotated.
 
@@ -55,11 +85,17 @@ def apply_rope_prefix(x: Tensor, rope: RopeTables) -> Tensor:
     explicit upcast is left to type promotion (the prefix round trip is then the identity).
     """
     sin, cos = rope
-    n_prefix = x.shape[-2] - sin.shape[-2]
-    if n_prefix < 0:
+    if x.shape[-2] < sin.shape[-2]:
         raise ValueError(
             f"RoPE table has {sin.shape[-2]} positions but the sequence has only {x.shape[-2]} tokens"
         )
+    if torch.is_grad_enabled() and x.requires_grad and not (sin.requires_grad or cos.requires_grad):
+        return _RopePrefix.apply(x, sin, cos)
+    return _rope_prefix(x, sin, cos)
+
+
+def _rope_prefix(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+    n_prefix = x.shape[-2] - sin.shape[-2]
     x_dtype = x.dtype
     if torch.promote_types(x_dtype, sin.dtype) != sin.dtype:
         # e.g. fp32 activations with a bf16 table: the official code rounds all of q/k (prefix included)

@@ -24,7 +24,11 @@ def sinkhorn_knopp(teacher_output: torch.Tensor, teacher_temp: float, n_samples:
         n_iterations: Sinkhorn iterations (3 in every DINOv3 config).
     """
     group = distributed.get_process_subgroup()
-    q = torch.exp(teacher_output.float() / teacher_temp).t()  # K x B_local
+    # exp(float(logits) / temp) computed in one float32 buffer (same floats as out-of-place; the input is
+    # never modified: a float32 input is copied)
+    q = teacher_output.to(torch.float32, copy=True)
+    q.div_(teacher_temp).exp_()
+    q = q.t()  # K x B_local
     b = n_samples
     k = q.shape[0]  # number of prototypes
     sum_q = torch.sum(q)  # make the matrix sum to 1

@@ -64,49 +64,55 @@ def _drop_empty_folders(folder: Path, stop: Path) -> None:
         folder = folder.parent
 
 
+def _file_codec(arr: zarr.Array) -> Any | None:
+    """The numcodecs compressor that decodes (and encodes) ``arr``'s chunk files as Zarr does, when the
+    chunks can be handled as files directly: a local store, Zarr v3, C order, one chunk per index of the first
+    axis (whole trailing dimensions), a plain numeric dtype, codecs ``bytes`` (native byte order) + one
+    ``blosc`` or ``zstd`` compressor (no sharding, no filters). ``None`` otherwise."""
+    from numcodecs import Blosc, Zstd
+    from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
+    from zarr.storage import LocalStore
+
+    md = arr.metadata
+    if not isinstance(arr.store, LocalStore) or md.zarr_format != 3 or arr.order != "C":
+        return None
+    if tuple(arr.chunks) != (1, *arr.shape[1:]) or len(md.codecs) != 2:
+        return None
+    if not isinstance(arr.dtype, np.dtype) or arr.dtype.kind not in "biuf":
+        return None
+    b, c = md.codecs
+    if not isinstance(b, BytesCodec):
+        return None
+    if arr.dtype.itemsize > 1 and (b.endian is None or b.endian.value != sys.byteorder):
+        return None
+    if isinstance(c, BloscCodec) and c.typesize is not None and c.shuffle is not None:
+        # the compressor Zarr's BloscCodec builds (numcodecs >= 0.16 takes the type size explicitly)
+        shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+        return Blosc(cname=c.cname.name, clevel=c.clevel, shuffle=shuffle[c.shuffle.name],
+                     blocksize=c.blocksize, typesize=c.typesize)
+    if isinstance(c, ZstdCodec):
+        return Zstd(level=c.level, checksum=c.checksum)
+    return None
+
+
 class ChunkReader:
     """Fast random access to one index of the first axis of an array chunked one index per chunk (the tile
     store's ``tiles`` and ``valid``): ``reader[i]`` equals ``array[i]``.
 
-    For a local Zarr v3 array whose codecs are ``bytes`` + one ``blosc`` or ``zstd`` compressor, the chunk
-    file is read and decoded on the calling thread (~0.1 ms for a 256 x 256 x 4 tile) instead of through
-    Zarr's event loop (~1 ms of CPU per read, most of it asyncio bookkeeping) — what a pretraining data
-    loader does thousands of times per second. A missing chunk is the fill value, as in Zarr. Other arrays
-    (remote stores, other codecs) are read through Zarr.
+    Where :func:`_file_codec` applies (the tile store's arrays), the chunk file is read and decoded on the
+    calling thread (~0.1 ms for a 256 x 256 x 4 tile) instead of through Zarr's event loop (~1 ms of CPU per
+    read, most of it asyncio bookkeeping) — what a pretraining data loader does thousands of times per
+    second. A missing chunk is the fill value, as in Zarr. Other arrays are read through Zarr.
     """
 
     def __init__(self, arr: zarr.Array) -> None:
         self.array = arr
         self.shape = tuple(arr.shape[1:])
         self.dtype = np.dtype(arr.dtype)
-        self._decoder = self._make_decoder(arr)
+        self._decoder = _file_codec(arr)
         self._blosc = type(self._decoder).__name__ == "Blosc"
         self._root = Path(str(arr.store.root)) / arr.path if self._decoder is not None else None
         self._zeros = (0,) * (arr.ndim - 1)
-
-    @staticmethod
-    def _make_decoder(arr: zarr.Array) -> Any | None:
-        from numcodecs import Blosc, Zstd
-        from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
-        from zarr.storage import LocalStore
-
-        md = arr.metadata
-        if not isinstance(arr.store, LocalStore) or md.zarr_format != 3 or arr.order != "C":
-            return None
-        if tuple(arr.chunks) != (1, *arr.shape[1:]) or len(md.codecs) != 2:
-            return None
-        if not isinstance(arr.dtype, np.dtype) or arr.dtype.kind not in "biuf":
-            return None
-        b, c = md.codecs
-        if not isinstance(b, BytesCodec):
-            return None
-        if arr.dtype.itemsize > 1 and (b.endian is None or b.endian.value != sys.byteorder):
-            return None
-        if isinstance(c, BloscCodec):
-            return Blosc()  # Blosc frames carry their own parameters
-        if isinstance(c, ZstdCodec):
-            return Zstd()
-        return None
 
     def __getitem__(self, index: int) -> np.ndarray:
         if self._decoder is None or not 0 <= index < self.array.shape[0]:

@@ -14,6 +14,10 @@ Layout (all arrays share the ``tile`` dimension; xarray opens it with ``xr.open_
     row_off/col_off(tile,)             int32, the tile's offset in its scene grid
     stats_sample   (band, sample)      float64, uniform sample of valid pixels for percentiles
 
+``tiles`` and ``valid`` store one chunk file per tile, named ``c.<tile>.0.0.0`` in the array's folder (stores
+written before 2026-11-29 use ``c/<tile>/0/0/0``; both are read), compressed with Blosc byte-shuffle +
+Zstandard level 1 (masks bit-shuffled); :class:`ChunkReader` reads such chunk files directly.
+
 Group attributes hold the band names, tile size, dtype, the per-band statistics (mean, std, min, max,
 percentiles over valid pixels), and the ledger of ingested scenes. Scenes are committed one at a time:
 a scene's tiles count only once its ledger entry says ``complete``; a run killed midway leaves a

@@ -29,7 +29,7 @@ from dinov3geo.models.layers.layer_scale import LayerScale
 from dinov3geo.models.layers.norm import RMSNorm, make_norm_layer
 from dinov3geo.models.layers.patch_embed import PatchEmbed
 from dinov3geo.models.layers.rope import RopePositionEmbedding
-from dinov3geo.models.layers.utils import named_apply
+from dinov3geo.models.layers.utils import cat_keep_shapes, named_apply, uncat_with_shapes
 from dinov3geo.models.padding import pad_to_patch_multiple
 
 logger = logging.getLogger(__name__)
@@ -180,10 +180,19 @@ class DinoVisionTransformer(nn.Module):
             tokens, hw = self.prepare_tokens_with_masks(t_x, t_masks)
             xs.append(tokens)
             hws.append(hw)
-        for blk in self.blocks:
-            # recomputed per block: in training each block draws its own RoPE box jittering
-            ropes = [self._rope(H, W) for H, W in hws]
-            xs = blk(xs, ropes)
+        if len(xs) > 1 and all(getattr(blk, "flat_capable", False) for blk in self.blocks):
+            # several crop sets stay concatenated from the first block to the last (as the official list
+            # forward, without splitting and re-concatenating them around every block)
+            flat, shapes, num_tokens = cat_keep_shapes(xs)
+            for blk in self.blocks:
+                ropes = [self._rope(H, W) for H, W in hws]  # per block: each draws its own box jittering
+                flat = blk.forward_flat(flat, shapes, num_tokens, ropes)
+            xs = uncat_with_shapes(flat, shapes, num_tokens)
+        else:
+            for blk in self.blocks:
+                # recomputed per block: in training each block draws its own RoPE box jittering
+                ropes = [self._rope(H, W) for H, W in hws]
+                xs = blk(xs, ropes)
         n_prefix = self.n_storage_tokens + 1
         output: list[dict[str, Tensor | None]] = []
         for idx, (x, masks) in enumerate(zip(xs, masks_list, strict=True)):

@@ -331,3 +331,38 @@ def test_no_grad_fast_path_is_exact(arch: str, bf16: bool) -> None:
         with torch.inference_mode():
             fast = model.forward_features(x)["x_prenorm"]
     assert torch.equal(fast, with_grad)
+
+
+def test_flat_crop_sets_equal_per_block_lists(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Crop sets kept concatenated across blocks give the very floats (outputs and gradients) of splitting
+    and re-concatenating them around every block, RoPE jittering included."""
+    from dinov3geo.models.layers.block import SelfAttentionBlock
+
+    model = random_backbone("vit_tiny_test").train()
+    g, loc = torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16)
+
+    def run() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        outs = model.forward_features([g, loc], [None, None])
+        loss = sum(o["x_norm_patchtokens"].square().sum() + o["x_norm_clstoken"].sum() for o in outs)
+        loss.backward()
+        return ([o["x_norm_patchtokens"].detach() for o in outs],
+                [p.grad.clone() for p in model.parameters() if p.grad is not None])
+
+    calls = {"flat": 0}
+    original = SelfAttentionBlock.forward_flat
+
+    def counted(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls["flat"] += 1
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(SelfAttentionBlock, "forward_flat", counted)
+    flat_out, flat_grads = run()
+    n_flat = calls["flat"]
+    monkeypatch.setattr(SelfAttentionBlock, "flat_capable", property(lambda self: False))
+    list_out, list_grads = run()
+    assert n_flat == len(model.blocks)  # the flat path ran, once per block
+    assert all(torch.equal(a, b) for a, b in zip(flat_out, list_out, strict=True))
+    assert len(flat_grads) == len(list_grads) > 0
+    assert all(torch.equal(a, b) for a, b in zip(flat_grads, list_grads, strict=True))

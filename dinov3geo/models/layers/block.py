@@ -102,10 +102,7 @@ class SelfAttentionBlock(nn.Module):
             # several crop sets (e.g. global + local crops): as the official block, one set of norm / linear /
             # MLP ops over the concatenated tokens, attention per crop set (fewer, larger matmuls)
             flat, shapes, num_tokens = cat_keep_shapes(x_list)
-            y = self.attn.forward_flat(self.norm1(flat), shapes, num_tokens, rope_list)
-            flat = self._residual(flat, self._scale(self.ls1, y))
-            flat = self._residual(flat, self._scale(self.ls2, self.mlp(self.norm2(flat))))
-            return uncat_with_shapes(flat, shapes, num_tokens)
+            return uncat_with_shapes(self.forward_flat(flat, shapes, num_tokens, rope_list), shapes, num_tokens)
 
         p = self.sample_drop_ratio
         scales = [residual_scale(x.shape[0], p) for x in x_list]
@@ -128,6 +125,23 @@ class SelfAttentionBlock(nn.Module):
             torch.index_add(x, dim=0, source=self.ls2(r).to(x.dtype), index=i, alpha=s)
             for x, r, i, s in zip(x_attn, res2, idx2, scales, strict=True)
         ]
+
+    @property
+    def flat_capable(self) -> bool:
+        """Whether :meth:`forward_flat` applies (no stochastic depth in the current mode)."""
+        return not (self.training and self.sample_drop_ratio > 0.0)
+
+    def forward_flat(self, flat: Tensor, shapes: Sequence[torch.Size], num_tokens: Sequence[int],
+                     rope_list: Sequence[RopeTables | None]) -> Tensor:
+        """The block on several crop sets kept concatenated (``flat`` ``[tokens, D]`` from
+        :func:`cat_keep_shapes`): norms, linears and MLP over all tokens, attention per crop set. A model
+        passes ``flat`` from block to block without splitting and re-concatenating the crop sets in between
+        (same floats as :meth:`forward` on the list). Not for stochastic depth (see :attr:`flat_capable`)."""
+        if self.training and self.sample_drop_ratio > 0.0:
+            raise RuntimeError("forward_flat does not implement stochastic depth; use forward on the list")
+        y = self.attn.forward_flat(self.norm1(flat), shapes, num_tokens, rope_list)
+        flat = self._residual(flat, self._scale(self.ls1, y))
+        return self._residual(flat, self._scale(self.ls2, self.mlp(self.norm2(flat))))
 
     def forward(
         self,

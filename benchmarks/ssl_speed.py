@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                     help="profile engine steps: when slower than the floor (auto), always or never")
     ap.add_argument("--workdir", default="/tmp/dinov3geo-ssl-speed")
-    ap.add_argument("--repeats", type=int, default=2, help="interleaved floor/engine runs per precision (best used)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved floor/engine runs per precision (best used)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

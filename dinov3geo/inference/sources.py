@@ -40,6 +40,11 @@ class WindowReader(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release open files."""
 
+    def block_shape(self) -> tuple[int, int] | None:
+        """``(rows, cols)`` of the tiles the underlying file is stored in, when windows of the source grid are
+        windows of that file (reads aligned to them decode each tile once); None when unknown."""
+        return None
+
     def __enter__(self) -> WindowReader:
         return self
 
@@ -76,6 +81,9 @@ class _SceneWindowReader(WindowReader):
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         chip = self._r.read(window, fill=0)
         return chip.data, chip.valid
+
+    def block_shape(self) -> tuple[int, int] | None:
+        return self._r.native_block_shape()
 
     def close(self) -> None:
         self._r.close()

@@ -318,6 +318,23 @@ class SceneReader:
                 np.copyto(inner, np.asarray(fill).astype(inner.dtype), where=~inner_valid)
         return Chip(data, valid, g.window_grid(window), sc.band_names)
 
+    def native_block_shape(self) -> tuple[int, int] | None:
+        """``(rows, cols)`` of the internal tiles of the scene's file when windows of the scene grid are windows
+        of one tiled file (one file, on the grid, not warped, all bands tiled alike); else None. Readers
+        that align their reads to these tiles make GDAL decode each tile once."""
+        if len(self._groups) != 1:
+            return None
+        ds, fidx, _oidx, raw = self._groups[0]
+        if ds is not raw:
+            return None
+        shapes = {tuple(ds.block_shapes[i - 1]) for i in fidx}
+        if len(shapes) != 1:
+            return None
+        bh, bw = shapes.pop()
+        if bh < 16 or bw < 16 or bw >= ds.width:  # untiled (strips of whole rows) or tiny blocks
+            return None
+        return int(bh), int(bw)
+
     def _direct_group(self, cw: Any, h: int, w: int) -> tuple[Any, list[int]] | None:
         """``(dataset, band indexes)`` when the clipped window ``cw`` is the whole requested ``h x w`` window
         and a single open file of the scene's dtype holds all bands in output order over it; else None."""

@@ -77,13 +77,14 @@ class _SceneWindowReader(WindowReader):
     def __init__(self, scene: Scene) -> None:
         self._r = scene.reader()
         self._r.open()
+        self._block_shape = self._r.native_block_shape()
 
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
         chip = self._r.read(window, fill=0)
         return chip.data, chip.valid
 
     def block_shape(self) -> tuple[int, int] | None:
-        return self._r.native_block_shape()
+        return self._block_shape
 
     def close(self) -> None:
         self._r.close()

@@ -56,6 +56,7 @@ from dinov3geo.io.grid import GridSpec
 from dinov3geo.io.vector import aoi_geometry, aoi_mask
 from dinov3geo.utils.atomic import check_writable
 from dinov3geo.utils.progress import progress_bar
+from dinov3geo.utils.runs import consecutive_runs
 
 __all__ = ["InferenceConfig", "make_layout", "parts_dir", "predict_array", "predict_raster", "resolve_amp",
            "resolve_device"]
@@ -154,22 +155,23 @@ def _strips(cfg: InferenceConfig, cells: Sequence[tuple[int, int]]) -> list[list
 
 
 class _AlignedRows:
-    """Row bands of the input aligned to the file's internal tiles, shared by the reader threads.
+    """Tiles of the input file, read in tile-aligned row runs and shared by the reader threads.
 
     Strips of neighbouring lattice rows overlap (by the window overlap) and rarely start on a tile row of the
     file, so reading each strip on its own makes GDAL decode most tile rows twice (measured on a 512-px tiled
     deflate raster: the strips of a region cost 2x the CPU of decoding it once). Here a strip is assembled
-    from tile-aligned row bands (full tiles across the strip's columns), each read once by whichever reader
-    thread needs it first and kept while neighbouring strips may still need it (a few bands, bounded in
-    bytes). Pixels and masks are the same as reading the strip directly (the reader is pixel-exact on the
-    file's own grid; tested). Readers without a native tile shape are read directly.
+    from the file's tiles: the tiles it needs that nobody holds are read in one tile-aligned window per tile
+    row (by whichever reader thread needs them first; others wait for them) and kept while neighbouring strips
+    (the next lattice row, the next block's first column) may still need them: least recently used first
+    out, bounded in bytes. Pixels and masks are the same as reading the strip directly (the reader is
+    pixel-exact on the file's own grid; tested). Readers without a native tile shape are read directly.
     """
 
-    def __init__(self, max_bytes: int = 2 * _STRIP_BYTES, min_entries: int = 4) -> None:
+    def __init__(self, max_bytes: int = 2 * _STRIP_BYTES, min_entries: int = 16) -> None:
         self.max_bytes = max_bytes
         self.min_entries = min_entries
         self._lock = threading.Lock()
-        self._entries: dict[tuple[int, int, int], list[Any]] = {}  # key -> [event, value, error, nbytes]
+        self._entries: dict[tuple[int, int], list[Any]] = {}  # (tile row, tile col) -> [event, value, error, nbytes]
         self._bytes = 0
 
     def read(self, reader: WindowReader, window: Window) -> tuple[np.ndarray, np.ndarray]:
@@ -178,53 +180,68 @@ class _AlignedRows:
             return reader.read(window)
         bh, bw = shape
         r0, c0, h, w = int(window.row_off), int(window.col_off), int(window.height), int(window.width)
-        a0, a1 = (c0 // bw) * bw, -(-(c0 + w) // bw) * bw
-        k0, k1 = r0 // bh, -(-(r0 + h) // bh)
+        t0, t1 = c0 // bw, -(-(c0 + w) // bw)
         data: np.ndarray | None = None
         valid = np.empty((h, w), dtype=bool)
-        for k in range(k0, k1):
-            bd, bv = self._band(reader, k, a0, a1, bh)
-            y0, y1 = max(r0, k * bh), min(r0 + h, (k + 1) * bh)  # rows of this band inside the strip
-            if data is None:
-                data = np.empty((bd.shape[0], h, w), dtype=bd.dtype)
-            src = (slice(y0 - k * bh, y1 - k * bh), slice(c0 - a0, c0 - a0 + w))
-            data[:, y0 - r0 : y1 - r0] = bd[(slice(None), *src)]
-            valid[y0 - r0 : y1 - r0] = bv[src]
+        for k in range(r0 // bh, -(-(r0 + h) // bh)):
+            y0, y1 = max(r0, k * bh), min(r0 + h, (k + 1) * bh)  # strip rows in this tile row
+            for t, (td, tv) in zip(range(t0, t1), self._tiles(reader, k, t0, t1, bh, bw), strict=True):
+                x0, x1 = max(c0, t * bw), min(c0 + w, (t + 1) * bw)  # strip columns in this tile
+                if data is None:
+                    data = np.empty((td.shape[0], h, w), dtype=td.dtype)
+                src = (slice(y0 - k * bh, y1 - k * bh), slice(x0 - t * bw, x1 - t * bw))
+                data[:, y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] = td[(slice(None), *src)]
+                valid[y0 - r0 : y1 - r0, x0 - c0 : x1 - c0] = tv[src]
         assert data is not None
         return data, valid
 
-    def _band(self, reader: WindowReader, k: int, a0: int, a1: int, bh: int) -> tuple[np.ndarray, np.ndarray]:
-        key = (k, a0, a1)
+    def _tiles(self, reader: WindowReader, k: int, t0: int, t1: int, bh: int, bw: int
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Tiles ``t0..t1-1`` of tile row ``k``: held ones shared, the missing ones read in contiguous runs."""
+        entries: list[list[Any]] = []
+        mine: list[int] = []  # tile columns this call reads
         with self._lock:
-            entry = self._entries.pop(key, None)
-            owner = entry is None
-            if owner:
-                entry = [threading.Event(), None, None, 0]
-            self._entries[key] = entry  # (re)inserted last: the dict's order is the order of use
-        if not owner:
-            entry[0].wait()
-            if entry[2] is not None:  # the owner's read failed: read (and fail) here too
-                return reader.read(Window(a0, k * bh, a1 - a0, bh))
-            return entry[1]
+            for t in range(t0, t1):
+                entry = self._entries.pop((k, t), None)
+                if entry is None:
+                    entry = [threading.Event(), None, None, 0]
+                    mine.append(t)
+                self._entries[(k, t)] = entry  # (re)inserted last: the dict's order is the order of use
+                entries.append(entry)
+        done = 0  # tiles of ``mine`` whose events are set
         try:
-            value = reader.read(Window(a0, k * bh, a1 - a0, bh))
-            entry[1] = value  # before the event is set: waiters read it as soon as they wake
+            for start, n in consecutive_runs(mine):
+                run = entries[start - t0 : start - t0 + n]
+                d, v = reader.read(Window(start * bw, k * bh, n * bw, bh))
+                for i, entry in enumerate(run):  # views of the run's arrays, set before the events fire
+                    entry[1] = (d[:, :, i * bw : (i + 1) * bw], v[:, i * bw : (i + 1) * bw])
+                    entry[3] = (d.nbytes + v.nbytes) // n
+                    entry[0].set()
+                done += n
+                with self._lock:  # count the tiles still held (an eviction may have dropped one already)
+                    self._bytes += sum(e[3] for i, e in enumerate(run) if self._entries.get((k, start + i)) is e)
+                    while self._bytes > self.max_bytes and len(self._entries) > self.min_entries:
+                        old = self._entries.pop(next(iter(self._entries)))  # least recently used
+                        self._bytes -= old[3]
         except BaseException as exc:
-            entry[2] = exc
+            # every tile this call owns and has not delivered fails (waiters then read it themselves)
             with self._lock:
-                if self._entries.get(key) is entry:
-                    del self._entries[key]
+                for t in mine[done:]:
+                    entry = entries[t - t0]
+                    entry[2] = exc
+                    if self._entries.get((k, t)) is entry:
+                        del self._entries[(k, t)]
+                    entry[0].set()
             raise
-        finally:
-            entry[0].set()
-        with self._lock:
-            if self._entries.get(key) is entry:
-                entry[3] = value[0].nbytes + value[1].nbytes
-                self._bytes += entry[3]
-            while self._bytes > self.max_bytes and len(self._entries) > self.min_entries:
-                old = self._entries.pop(next(iter(self._entries)))  # least recently used
-                self._bytes -= old[3]
-        return value
+        out = []
+        for t, entry in zip(range(t0, t1), entries, strict=True):
+            entry[0].wait()
+            if entry[2] is not None:  # another thread's read failed: read (and fail) here too
+                d, v = reader.read(Window(t * bw, k * bh, bw, bh))
+                out.append((d, v))
+            else:
+                out.append(entry[1])
+        return out
 
 
 def _read_strip(cfg: InferenceConfig, reader: WindowReader,

@@ -40,6 +40,7 @@ from dinov3geo.io.sources import _S2_FILE, RASTER_SUFFIXES, open_scene
 from dinov3geo.io.windows import tile_windows
 from dinov3geo.utils.atomic import check_writable
 from dinov3geo.utils.progress import progress_bar
+from dinov3geo.utils.runs import consecutive_runs
 
 log = logging.getLogger("dinov3geo.ingest")
 
@@ -237,7 +238,7 @@ def _strip_write(
     # keep slots are consecutive (row-major order of kept tiles): write runs in one call each
     slots = [s for _, s in keep]
     k0 = 0
-    for s0, n in _runs(slots):
+    for s0, n in consecutive_runs(slots):
         tiles[s0 : s0 + n] = data[k0 : k0 + n]
         k0 += n
     # masks only where a tile has invalid pixels: an all-valid mask equals the fill value (True), which Zarr
@@ -245,20 +246,10 @@ def _strip_write(
     partial = ~valid.reshape(len(keep), -1).all(axis=1)
     if partial.any():
         idx = np.flatnonzero(partial)
-        for s0, n in _runs([slots[i] for i in idx]):
+        for s0, n in consecutive_runs([slots[i] for i in idx]):
             k = slots.index(s0)
             vmask[s0 : s0 + n] = valid[k : k + n]
     return stats, int(data.nbytes)
-
-
-def _runs(slots: list[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for s in slots:
-        if runs and runs[-1][0] + runs[-1][1] == s:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((s, 1))
-    return runs
 
 
 # ---------------------------------------------------------------------------------------------- scheduling

@@ -434,8 +434,9 @@ def _tiled_raster(path: Path, img: np.ndarray, block: int, nodata: float | None 
 
 
 def test_aligned_row_bands_equal_direct_reads(tmp_path: Path) -> None:
-    """Strips assembled from tile-aligned row bands (shared by reader threads) equal direct reads of the strip:
-    inside the grid, across its edges and corners, over nodata; untiled files are read directly."""
+    """Strips assembled from the file's tiles (read in tile-aligned runs, shared by reader threads) equal direct
+    reads of the strip: inside the grid, across its edges and corners, over nodata; untiled files are read
+    directly."""
     from dinov3geo.inference.engine import _AlignedRows
     from dinov3geo.inference.sources import as_source
 
@@ -472,13 +473,13 @@ def test_engine_with_aligned_row_bands_equals_direct_strips(tmp_path: Path, monk
     cx, cy = TRANSFORM * (150, 115)
     aoi = shapely.Point(cx, cy).buffer(1000)
     calls = {"n": 0}
-    band = engine._AlignedRows._band
+    tiles = engine._AlignedRows._tiles
 
     def counted(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
         calls["n"] += 1
-        return band(self, *a, **k)
+        return tiles(self, *a, **k)
 
-    monkeypatch.setattr(engine._AlignedRows, "_band", counted)
+    monkeypatch.setattr(engine._AlignedRows, "_tiles", counted)
     a = predict_raster(MeanFilter(3, 2), src, tmp_path / "a.tif", aoi=aoi, aoi_crs="EPSG:32633", read_threads=2,
                        **RUN)
     assert calls["n"] > 0
@@ -488,3 +489,40 @@ def test_engine_with_aligned_row_bands_equals_direct_strips(tmp_path: Path, monk
     got = _read(a)
     np.testing.assert_array_equal(got, _read(b))
     assert np.isfinite(got).any() and np.isnan(got).any()
+
+
+def test_aligned_tiles_failed_read_releases_waiters() -> None:
+    """A failing tile read fails every thread that waits for those tiles (each reads and fails itself) and
+    leaves nothing behind in the cache: no thread hangs."""
+    import threading as th
+
+    from dinov3geo.inference.engine import _AlignedRows
+    from dinov3geo.inference.sources import WindowReader
+
+    gate = th.Event()
+
+    class Failing(WindowReader):
+        def block_shape(self) -> tuple[int, int]:
+            return (8, 8)
+
+        def read(self, window):  # noqa: ANN001, ANN202
+            gate.wait(5)
+            raise OSError(f"cannot read {window}")
+
+    rows = _AlignedRows()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            rows.read(Failing(), rasterio.windows.Window(3, 3, 20, 10))
+        except OSError as e:
+            errors.append(e)
+
+    threads = [th.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert len(errors) == 3 and not rows._entries

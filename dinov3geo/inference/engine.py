@@ -167,7 +167,7 @@ class _AlignedRows:
     pixel-exact on the file's own grid; tested). Readers without a native tile shape are read directly.
     """
 
-    def __init__(self, max_bytes: int = 2 * _STRIP_BYTES, min_entries: int = 16) -> None:
+    def __init__(self, max_bytes: int = 3 * _STRIP_BYTES // 2, min_entries: int = 16) -> None:
         self.max_bytes = max_bytes
         self.min_entries = min_entries
         self._lock = threading.Lock()
@@ -213,9 +213,11 @@ class _AlignedRows:
             for start, n in consecutive_runs(mine):
                 run = entries[start - t0 : start - t0 + n]
                 d, v = reader.read(Window(start * bw, k * bh, n * bw, bh))
-                for i, entry in enumerate(run):  # views of the run's arrays, set before the events fire
-                    entry[1] = (d[:, :, i * bw : (i + 1) * bw], v[:, i * bw : (i + 1) * bw])
-                    entry[3] = (d.nbytes + v.nbytes) // n
+                for i, entry in enumerate(run):  # set before the events fire
+                    # copies, not views of the run: an evicted tile must free its memory (the byte bound)
+                    tile = (d[:, :, i * bw : (i + 1) * bw].copy(), v[:, i * bw : (i + 1) * bw].copy())
+                    entry[1] = tile
+                    entry[3] = tile[0].nbytes + tile[1].nbytes
                     entry[0].set()
                 done += n
                 with self._lock:  # count the tiles still held (an eviction may have dropped one already)

@@ -154,8 +154,8 @@ def _strips(cfg: InferenceConfig, cells: Sequence[tuple[int, int]]) -> list[list
     return runs
 
 
-class _AlignedRows:
-    """Tiles of the input file, read in tile-aligned row runs and shared by the reader threads.
+class _TileCache:
+    """Tiles of the input file, read in tile-aligned runs and shared by the reader threads.
 
     Strips of neighbouring lattice rows overlap (by the window overlap) and rarely start on a tile row of the
     file, so reading each strip on its own makes GDAL decode most tile rows twice (measured on a 512-px tiled
@@ -247,9 +247,9 @@ class _AlignedRows:
 
 
 def _read_strip(cfg: InferenceConfig, reader: WindowReader,
-                cells: Sequence[tuple[int, int]], rows: _AlignedRows | None = None) -> list[_WindowData | None]:
+                cells: Sequence[tuple[int, int]], tiles: _TileCache | None = None) -> list[_WindowData | None]:
     """Data and validity (inside the AOI) of neighbouring windows of one lattice row, read as one strip
-    (assembled from tile-aligned row bands when ``rows`` is given).
+    (assembled from the file's tiles when a ``tiles`` cache is given).
 
     Returns one entry per cell: ``(cell, data, valid)`` (``data`` a view into the strip), or None when the
     window has no valid pixel inside the AOI.
@@ -263,7 +263,7 @@ def _read_strip(cfg: InferenceConfig, reader: WindowReader,
     aoi = cfg.prepared_aoi()
     if aoi is not None and not aoi.intersects(shapely.box(*grid.window_grid(strip).bounds)):
         return [None] * len(cells)
-    data, valid = reader.read(strip) if rows is None else rows.read(reader, strip)
+    data, valid = reader.read(strip) if tiles is None else tiles.read(reader, strip)
     out: list[_WindowData | None] = []
     for cell, win in zip(cells, wins, strict=True):
         cols = slice(int(win.col_off) - c0, int(win.col_off + win.width) - c0)
@@ -589,7 +589,7 @@ class _Pipeline:
         local = threading.local()
         readers: list[WindowReader] = []
         lock = threading.Lock()
-        rows = _AlignedRows()
+        tiles = _TileCache()
 
         def read(cells: list[tuple[int, int]]) -> list[_WindowData | None]:
             r = getattr(local, "reader", None)
@@ -598,7 +598,7 @@ class _Pipeline:
                 local.reader = r
                 with lock:
                     readers.append(r)
-            return _read_strip(cfg, r, cells, rows)
+            return _read_strip(cfg, r, cells, tiles)
 
         pool = None
         try:

@@ -437,14 +437,14 @@ def test_aligned_row_bands_equal_direct_reads(tmp_path: Path) -> None:
     """Strips assembled from the file's tiles (read in tile-aligned runs, shared by reader threads) equal direct
     reads of the strip: inside the grid, across its edges and corners, over nodata; untiled files are read
     directly."""
-    from dinov3geo.inference.engine import _AlignedRows
+    from dinov3geo.inference.engine import _TileCache
     from dinov3geo.inference.sources import as_source
 
     rng = np.random.default_rng(0)
     img = rng.integers(1, 5000, size=(3, 150, 170)).astype(np.uint16)
     img[:, 40:70, 20:90] = 0  # nodata
     src = as_source(_tiled_raster(tmp_path / "t.tif", img, 32, nodata=0))
-    rows = _AlignedRows(max_bytes=1, min_entries=2)  # evicts as early as allowed
+    rows = _TileCache(max_bytes=1, min_entries=2)  # evicts as early as allowed
     with src.reader() as reader:
         assert reader.block_shape() == (32, 32)
         for _ in range(60):
@@ -473,17 +473,17 @@ def test_engine_with_aligned_row_bands_equals_direct_strips(tmp_path: Path, monk
     cx, cy = TRANSFORM * (150, 115)
     aoi = shapely.Point(cx, cy).buffer(1000)
     calls = {"n": 0}
-    tiles = engine._AlignedRows._tiles
+    tiles = engine._TileCache._tiles
 
     def counted(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
         calls["n"] += 1
         return tiles(self, *a, **k)
 
-    monkeypatch.setattr(engine._AlignedRows, "_tiles", counted)
+    monkeypatch.setattr(engine._TileCache, "_tiles", counted)
     a = predict_raster(MeanFilter(3, 2), src, tmp_path / "a.tif", aoi=aoi, aoi_crs="EPSG:32633", read_threads=2,
                        **RUN)
     assert calls["n"] > 0
-    monkeypatch.setattr(engine._AlignedRows, "read", lambda self, reader, window: reader.read(window))
+    monkeypatch.setattr(engine._TileCache, "read", lambda self, reader, window: reader.read(window))
     b = predict_raster(MeanFilter(3, 2), src, tmp_path / "b.tif", aoi=aoi, aoi_crs="EPSG:32633", read_threads=2,
                        **RUN)
     got = _read(a)
@@ -496,7 +496,7 @@ def test_aligned_tiles_failed_read_releases_waiters() -> None:
     leaves nothing behind in the cache: no thread hangs."""
     import threading as th
 
-    from dinov3geo.inference.engine import _AlignedRows
+    from dinov3geo.inference.engine import _TileCache
     from dinov3geo.inference.sources import WindowReader
 
     gate = th.Event()
@@ -509,7 +509,7 @@ def test_aligned_tiles_failed_read_releases_waiters() -> None:
             gate.wait(5)
             raise OSError(f"cannot read {window}")
 
-    rows = _AlignedRows()
+    rows = _TileCache()
     errors: list[BaseException] = []
 
     def run() -> None:

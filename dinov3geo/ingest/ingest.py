@@ -243,12 +243,9 @@ def _strip_write(
         k0 += n
     # masks only where a tile has invalid pixels: an all-valid mask equals the fill value (True), which Zarr
     # would compare and drop chunk by chunk; the reserved slots are fresh (no stale chunk to overwrite)
-    partial = ~valid.reshape(len(keep), -1).all(axis=1)
-    if partial.any():
-        idx = np.flatnonzero(partial)
-        for s0, n in consecutive_runs([slots[i] for i in idx]):
-            k = slots.index(s0)
-            vmask[s0 : s0 + n] = valid[k : k + n]
+    # (partial tiles are few, at scene and nodata edges: one write each; Zarr handles a chunk at a time anyway)
+    for k in np.flatnonzero(~valid.reshape(len(keep), -1).all(axis=1)):
+        vmask[slots[k]] = valid[k]
     return stats, int(data.nbytes)
 
 

@@ -68,11 +68,11 @@ def _drop_empty_folders(folder: Path, stop: Path) -> None:
         folder = folder.parent
 
 
-def _file_codec(arr: zarr.Array) -> Any | None:
-    """The numcodecs compressor that decodes (and encodes) ``arr``'s chunk files as Zarr does, when the
-    chunks can be handled as files directly: a local store, Zarr v3, C order, one chunk per index of the first
-    axis (whole trailing dimensions), a plain numeric dtype, codecs ``bytes`` (native byte order) + one
-    ``blosc`` or ``zstd`` compressor (no sharding, no filters). ``None`` otherwise."""
+def _file_decoder(arr: zarr.Array) -> Any | None:
+    """A numcodecs compressor that decodes ``arr``'s chunk files as Zarr does, when the chunks can be read as
+    files directly: a local store, Zarr v3, C order, one chunk per index of the first axis (whole trailing
+    dimensions), a plain numeric dtype, codecs ``bytes`` (native byte order) + one ``blosc`` or ``zstd``
+    compressor (no sharding, no filters). ``None`` otherwise."""
     from numcodecs import Blosc, Zstd
     from zarr.codecs import BloscCodec, BytesCodec, ZstdCodec
     from zarr.storage import LocalStore
@@ -89,13 +89,10 @@ def _file_codec(arr: zarr.Array) -> Any | None:
         return None
     if arr.dtype.itemsize > 1 and (b.endian is None or b.endian.value != sys.byteorder):
         return None
-    if isinstance(c, BloscCodec) and c.typesize is not None and c.shuffle is not None:
-        # the compressor Zarr's BloscCodec builds (numcodecs >= 0.16 takes the type size explicitly)
-        shuffle = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
-        return Blosc(cname=c.cname.name, clevel=c.clevel, shuffle=shuffle[c.shuffle.name],
-                     blocksize=c.blocksize, typesize=c.typesize)
+    if isinstance(c, BloscCodec):
+        return Blosc()  # a Blosc frame carries its own parameters
     if isinstance(c, ZstdCodec):
-        return Zstd(level=c.level, checksum=c.checksum)
+        return Zstd()
     return None
 
 
@@ -103,7 +100,7 @@ class ChunkReader:
     """Fast random access to one index of the first axis of an array chunked one index per chunk (the tile
     store's ``tiles`` and ``valid``): ``reader[i]`` equals ``array[i]``.
 
-    Where :func:`_file_codec` applies (the tile store's arrays), the chunk file is read and decoded on the
+    Where :func:`_file_decoder` applies (the tile store's arrays), the chunk file is read and decoded on the
     calling thread (~0.1 ms for a 256 x 256 x 4 tile) instead of through Zarr's event loop (~1 ms of CPU per
     read, most of it asyncio bookkeeping) — what a pretraining data loader does thousands of times per
     second. A missing chunk is the fill value, as in Zarr. Other arrays are read through Zarr.
@@ -113,7 +110,7 @@ class ChunkReader:
         self.array = arr
         self.shape = tuple(arr.shape[1:])
         self.dtype = np.dtype(arr.dtype)
-        self._decoder = _file_codec(arr)
+        self._decoder = _file_decoder(arr)
         self._blosc = type(self._decoder).__name__ == "Blosc"
         self._root = Path(str(arr.store.root)) / arr.path if self._decoder is not None else None
         self._zeros = (0,) * (arr.ndim - 1)

@@ -96,7 +96,7 @@ class SelfAttentionBlock(nn.Module):
         return self._residual(x, self._scale(self.ls2, self.mlp(self.norm2(x))))
 
     def _forward_list(self, x_list: Sequence[Tensor], rope_list: Sequence[RopeTables | None]) -> list[Tensor]:
-        if not (self.training and self.sample_drop_ratio > 0.0):
+        if not self._stochastic_depth():
             if len(x_list) == 1:
                 return [self._forward_plain(x_list[0], rope_list[0])]
             # several crop sets (e.g. global + local crops): as the official block, one set of norm / linear /
@@ -126,10 +126,14 @@ class SelfAttentionBlock(nn.Module):
             for x, r, i, s in zip(x_attn, res2, idx2, scales, strict=True)
         ]
 
+    def _stochastic_depth(self) -> bool:
+        """Whether residual branches are dropped per sample (training with a drop-path rate)."""
+        return self.training and self.sample_drop_ratio > 0.0
+
     @property
     def flat_capable(self) -> bool:
         """Whether :meth:`forward_flat` applies (no stochastic depth in the current mode)."""
-        return not (self.training and self.sample_drop_ratio > 0.0)
+        return not self._stochastic_depth()
 
     def forward_flat(self, flat: Tensor, shapes: Sequence[torch.Size], num_tokens: Sequence[int],
                      rope_list: Sequence[RopeTables | None]) -> Tensor:
@@ -137,7 +141,7 @@ class SelfAttentionBlock(nn.Module):
         :func:`cat_keep_shapes`): norms, linears and MLP over all tokens, attention per crop set. A model
         passes ``flat`` from block to block without splitting and re-concatenating the crop sets in between
         (same floats as :meth:`forward` on the list). Not for stochastic depth (see :attr:`flat_capable`)."""
-        if self.training and self.sample_drop_ratio > 0.0:
+        if self._stochastic_depth():
             raise RuntimeError("forward_flat does not implement stochastic depth; use forward on the list")
         y = self.attn.forward_flat(self.norm1(flat), shapes, num_tokens, rope_list)
         flat = self._residual(flat, self._scale(self.ls1, y))

@@ -162,11 +162,13 @@ class TrainConfig:
     devices: int | str = 1
     num_nodes: int = 1
     strategy: str = "auto"  #: "auto", "ddp", "fsdp"
-    precision: str = "auto"  #: "auto" (bf16-mixed on CUDA, 32 on CPU), "32-true", "bf16-mixed"
+    precision: str = "auto"  #: "auto" (bf16-mixed on CUDA, 32-true on CPU), "32-true", "bf16-mixed", "bf16-params"
     checkpoint_every: int = 100  #: iterations between (atomic) resumable checkpoints
     log_every: int = 10
     health_every: int = 50  #: iterations between dense-feature health metrics (0 = off)
     progress_bar: bool = True
+    #: keep freed memory in the process between steps (glibc; no page faults on reused buffers; CPU speed-up)
+    keep_freed_memory: bool = True
 
 
 @dataclass

@@ -33,6 +33,7 @@ from dinov3geo.ssl.checkpoints import (
 from dinov3geo.ssl.config import SSLConfig
 from dinov3geo.ssl.heads import DINOHead
 from dinov3geo.ssl.losses import DINOLoss, GramLoss, KoLeoLoss, KoLeoLossDistributed, iBOTPatchLoss
+from dinov3geo.ssl.precision import cast_call
 from dinov3geo.ssl.schedules import ScheduleSpec
 
 log = logging.getLogger("dinov3geo.ssl")
@@ -142,6 +143,14 @@ class SSLMetaArch(nn.Module):
                     self.gram_teacher_initialized = True
 
     _ema_lists: tuple[list[Tensor], list[Tensor]] | None = None
+    #: dtype of the parameter copies the networks compute with (``train.precision: bf16-params``), or None
+    param_dtype: torch.dtype | None = None
+
+    def _run(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """``module(*args, **kwargs)``, on cast parameter copies under ``bf16-params`` (:func:`cast_call`)."""
+        if self.param_dtype is None:
+            return module(*args, **kwargs)
+        return cast_call(module, self.param_dtype, *args, **kwargs)
 
     @property
     def model_ema(self) -> nn.ModuleDict:
@@ -178,11 +187,11 @@ class SSLMetaArch(nn.Module):
     def get_teacher_output(self, images: Tensor, *, teacher_temp: float, n_masked_patches_tensor: Tensor,
                            mask_indices_list: Tensor) -> dict[str, Tensor]:
         n_crops, B = images.shape[:2]
-        out = self.teacher["backbone"](images.flatten(0, 1), is_training=True)
+        out = self._run(self.teacher["backbone"], images.flatten(0, 1), is_training=True)
         cls, reg, patch = out["x_norm_clstoken"], out["x_storage_tokens"], out["x_norm_patchtokens"]
         buffer = torch.index_select(patch.flatten(0, 1), dim=0, index=mask_indices_list)
-        masked_after_head = self.teacher["ibot_head"](buffer)
-        cls_after_head = self.teacher["dino_head"](cls)
+        masked_after_head = self._run(self.teacher["ibot_head"], buffer)
+        cls_after_head = self._run(self.teacher["dino_head"], cls)
         cls_centered = self.dino_loss.sinkhorn_knopp_teacher(cls_after_head, teacher_temp=teacher_temp)
         masked_centered = self.ibot_patch_loss.sinkhorn_knopp_teacher(
             masked_after_head, teacher_temp=teacher_temp, n_masked_patches_tensor=n_masked_patches_tensor)
@@ -199,14 +208,14 @@ class SSLMetaArch(nn.Module):
                            mask_indices_list: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         n_g, B = global_crops.shape[:2]
         n_l = local_crops.shape[0]
-        g_out, l_out = self.student["backbone"](
-            [global_crops.flatten(0, 1), local_crops.flatten(0, 1)],
+        g_out, l_out = self._run(
+            self.student["backbone"], [global_crops.flatten(0, 1), local_crops.flatten(0, 1)],
             masks=[None if self.distillation else masks, None], is_training=True)
         g_cls, g_patch = g_out["x_norm_clstoken"], g_out["x_norm_patchtokens"]
         l_cls = l_out["x_norm_clstoken"]
         masked_pre_head = torch.index_select(g_patch.flatten(0, 1), dim=0, index=mask_indices_list)
-        masked_after_head = self.student["ibot_head"](masked_pre_head)
-        buffer = self.student["dino_head"](torch.cat([g_cls, l_cls], dim=0))
+        masked_after_head = self._run(self.student["ibot_head"], masked_pre_head)
+        buffer = self._run(self.student["dino_head"], torch.cat([g_cls, l_cls], dim=0))
         g_head, l_head = torch.split_with_sizes(buffer, [g_cls.shape[0], l_cls.shape[0]], dim=0)
         return (
             {
@@ -228,7 +237,7 @@ class SSLMetaArch(nn.Module):
                 raise RuntimeError("the Gram teacher is not initialised: give gram.ckpt or gram.it_load_ema_teacher")
             assert self.gram_teacher is not None
             with torch.no_grad():
-                out = self.gram_teacher["backbone"](images.flatten(0, 1), is_training=True)
+                out = self._run(self.gram_teacher["backbone"], images.flatten(0, 1), is_training=True)
             teacher_patches = out["x_norm_patchtokens"]
             if teacher_patches.shape[1] != student_patches.shape[1]:
                 p = self.cfg.student.patch_size

@@ -1,7 +1,7 @@
 """Run a pretraining stage with Lightning: ``pretrain(cfg)``; resumable; exports the backbone at the end.
 
 ``pretrain`` builds the Lightning ``Trainer`` from ``cfg.train`` (``accelerator="auto"``, DDP/FSDP strategies
-for multi-GPU and multi-node under ``torchrun``/SLURM, bf16 mixed precision on CUDA, fp32 on CPU), logs to
+for multi-GPU and multi-node under ``torchrun``/SLURM, bf16 mixed precision on CUDA, fp32 on CPU, Meta's bf16-parameter mixed precision as an option), logs to
 CSV and TensorBoard under ``output_dir``, writes resumable checkpoints atomically every
 ``train.checkpoint_every`` iterations (``checkpoints/last.ckpt``) and, at the end, exports the EMA teacher's
 backbone in Meta's format (``backbone.pth`` + ``backbone.pth.json`` metadata sidecar) and in dinov3geo's own
@@ -29,6 +29,8 @@ from dinov3geo.models import BackboneMetadata, export_meta, save_backbone
 from dinov3geo.ssl.config import SSLConfig
 from dinov3geo.ssl.data import build_dataloader
 from dinov3geo.ssl.module import SSLModule
+from dinov3geo.ssl.precision import PRECISIONS, lightning_precision, param_dtype
+from dinov3geo.utils.memory import keep_freed_memory
 
 log = logging.getLogger("dinov3geo.ssl")
 
@@ -65,7 +67,10 @@ class SSLDataModule(pl.LightningDataModule):
 
 
 def _precision(cfg: SSLConfig) -> str:
+    """The stage's precision (:mod:`dinov3geo.ssl.precision`), ``auto`` resolved for this machine."""
     p = cfg.train.precision
+    if p not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {PRECISIONS}, got {p!r}")
     if p != "auto":
         return p
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
@@ -125,7 +130,9 @@ def pretrain(cfg: SSLConfig, *, resume: bool = False, stage: str = "pretrain",
     devices = cfg.train.devices
     n_dev = devices if isinstance(devices, int) else (torch.cuda.device_count() if devices == "auto" else 1)
     global_batch = cfg.data.batch_size * max(1, n_dev) * cfg.train.num_nodes
+    precision = _precision(cfg)
     module = SSLModule(cfg, in_chans=len(bands), band_names=bands, global_batch_size=global_batch)
+    module.model.param_dtype = param_dtype(precision)
     ckpt_dir = out / "checkpoints"
     every = max(1, cfg.train.checkpoint_every)
     callbacks: list[Any] = [
@@ -139,7 +146,7 @@ def pretrain(cfg: SSLConfig, *, resume: bool = False, stage: str = "pretrain",
     steps = cfg.optim.iterations if max_steps is None else min(max_steps, cfg.optim.iterations)
     trainer = pl.Trainer(
         accelerator=cfg.train.accelerator, devices=devices, num_nodes=cfg.train.num_nodes,
-        strategy=cfg.train.strategy, precision=_precision(cfg), max_steps=steps, max_epochs=-1,
+        strategy=cfg.train.strategy, precision=lightning_precision(precision), max_steps=steps, max_epochs=-1,
         logger=loggers, callbacks=callbacks, log_every_n_steps=max(1, cfg.train.log_every),
         enable_progress_bar=cfg.train.progress_bar, use_distributed_sampler=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -154,7 +161,7 @@ def pretrain(cfg: SSLConfig, *, resume: bool = False, stage: str = "pretrain",
     ckpt_path = str(last) if resume and last.exists() else None
     if resume and ckpt_path is None:
         log.warning("no checkpoint at %s; starting from scratch", last)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), keep_freed_memory(cfg.train.keep_freed_memory):
         warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
         trainer.fit(module, datamodule=SSLDataModule(cfg, tiles), ckpt_path=ckpt_path, weights_only=True)
     # the final state, atomically (also when max_steps stopped early); optimizer state included

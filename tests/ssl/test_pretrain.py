@@ -189,6 +189,21 @@ def test_tiny_pretraining_on_real_tiles_then_exact_resume(rgb_store, tmp_path):
         assert torch.equal(v, bb.state_dict()[k])
 
 
+def test_bf16_params_pretraining_keeps_fp32_masters_and_resumes_exactly(rgb_store, tmp_path):
+    full = pretrain(_cfg(rgb_store, tmp_path / "full", train__precision="bf16-params", optim__iterations=3))
+    losses_full = [r["total_loss"] for r in stage_metrics(tmp_path / "full")]
+    assert len(losses_full) == 3 and all(np.isfinite(losses_full))
+    cfg = _cfg(rgb_store, tmp_path / "resumed", train__precision="bf16-params", optim__iterations=3)
+    pretrain(cfg, max_steps=1)
+    pretrain(cfg, resume=True)
+    assert [r["total_loss"] for r in stage_metrics(tmp_path / "resumed")] == losses_full
+    ck = torch.load(full.checkpoint, weights_only=True)
+    assert all(v.dtype == torch.float32 for k, v in ck["state_dict"].items() if v.is_floating_point())
+    assert load_backbone(full.backbone).cls_token.dtype == torch.float32
+    with pytest.raises(ValueError, match="train.precision"):
+        pretrain(_cfg(rgb_store, tmp_path / "bad", train__precision="bf16"))
+
+
 def test_multispectral_store_trains(shared_data, tmp_path):
     store = tmp_path / "l5.zarr"
     ingest([shared_data / "landsat/rstoolbox_LT05_224063_1988"], store, tile_size=64,

@@ -33,7 +33,7 @@ import rasterio
 from rasterio.windows import Window
 
 from dinov3geo.ingest.stats import BandStats
-from dinov3geo.ingest.store import TileStore, TileStoreError
+from dinov3geo.ingest.store import ChunkWriter, TileStore, TileStoreError
 from dinov3geo.io.errors import DinoGeoIOError, OutputError
 from dinov3geo.io.scene import GDAL_ENV, Scene
 from dinov3geo.io.sources import _S2_FILE, RASTER_SUFFIXES, open_scene
@@ -192,8 +192,8 @@ def _block_ingest(
             else:
                 slots.append(-1)
         if arrays is None:
-            arrays = (zarr.open_array(os.path.join(store_path, "tiles"), mode="r+"),
-                      zarr.open_array(os.path.join(store_path, "valid"), mode="r+"))
+            arrays = (ChunkWriter(zarr.open_array(os.path.join(store_path, "tiles"), mode="r+")),
+                      ChunkWriter(zarr.open_array(os.path.join(store_path, "valid"), mode="r+")))
         y = slice(row_off - r0, row_off - r0 + tile)
         quota = int(sample_rate * int(counts[i][keep].sum()))
         st, nb = _strip_write(scene, cols, slots, tile, dtype, zlib.crc32(f"{scene.id}:{row_off}:{cols[0]}".encode()),
@@ -218,7 +218,7 @@ def _strip_write(
 
     ``slots``: one per column, -1 for tiles not kept. ``strip``: the strip's pixels as ``(data [bands, tile, w],
     valid [tile, w], col_off of column 0)``. ``quota``: sample share of these pixels (see
-    :meth:`BandStats.update`). ``arrays``: the store's ``tiles`` and ``valid`` arrays, open for writing.
+    :meth:`BandStats.update`). ``arrays``: writers of the store's ``tiles`` and ``valid`` arrays.
     """
     stats = BandStats(len(scene.bands))
     keep = [(c, s) for c, s in zip(cols, slots, strict=True) if s >= 0]
@@ -239,13 +239,12 @@ def _strip_write(
     slots = [s for _, s in keep]
     k0 = 0
     for s0, n in consecutive_runs(slots):
-        tiles[s0 : s0 + n] = data[k0 : k0 + n]
+        tiles.write(s0, data[k0 : k0 + n])
         k0 += n
     # masks only where a tile has invalid pixels: an all-valid mask equals the fill value (True), which Zarr
-    # would compare and drop chunk by chunk; the reserved slots are fresh (no stale chunk to overwrite)
-    # (partial tiles are few, at scene and nodata edges: one write each; Zarr handles a chunk at a time anyway)
+    # would not store either; the reserved slots are fresh (no stale chunk to overwrite)
     for k in np.flatnonzero(~valid.reshape(len(keep), -1).all(axis=1)):
-        vmask[slots[k]] = valid[k]
+        vmask.write(slots[k], valid[k : k + 1])
     return stats, int(data.nbytes)
 
 

@@ -88,3 +88,51 @@ def test_chunk_reader_equals_zarr(tmp_path: Path, codec: str) -> None:
         chunk.write_bytes(chunk.read_bytes()[:-5])
         with pytest.raises(TileStoreError, match="c.3.0.0.0"):
             tiles[3]
+
+
+@pytest.mark.parametrize("codec", ["store", "zstd", "other", "slash"])
+def test_chunk_writer_writes_what_zarr_writes(tmp_path: Path, codec: str) -> None:
+    """Direct chunk writes give the same chunk files, byte for byte, as Zarr's writes of the same data (the
+    store's Blosc codecs, Zarr's default Zstandard, the old "/" key layout); other codecs go through Zarr;
+    all-zero tiles store no chunk (fill value 0); out-of-range writes are refused."""
+    from zarr.codecs import GzipCodec
+
+    from dinov3geo.ingest.store import ChunkWriter
+
+    def make(name: str) -> TileStore:
+        ts = TileStore.create(tmp_path / name, ["a", "b"], 8, "uint16")
+        if codec != "store":
+            kw: dict = {"compressors": GzipCodec()} if codec == "other" else {}
+            if codec == "slash":
+                kw["compressors"] = ts.group["tiles"].metadata.codecs[1]
+            ts.group.create_array("tiles", shape=(0, 2, 8, 8), chunks=(1, 2, 8, 8), dtype="uint16", fill_value=0,
+                                  overwrite=True, **kw)
+            ts.group.create_array("valid", shape=(0, 8, 8), chunks=(1, 8, 8), dtype=bool, fill_value=True,
+                                  overwrite=True, **kw)
+        ts.begin_scene("s", 6)
+        return ts
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 3000, size=(6, 2, 8, 8), dtype=np.uint16)
+    data[4] = 0  # equal to the fill value
+    valid = rng.random((6, 8, 8)) > 0.2
+    ref, new = make("zarr.zarr"), make("direct.zarr")
+    ref.group["tiles"][:6] = data
+    ref.group["valid"][:6] = valid
+    tiles, vmask = ChunkWriter(new.group["tiles"]), ChunkWriter(new.group["valid"])
+    assert (tiles._encoder is None) == (codec == "other")
+    tiles.write(0, data[:2])
+    tiles.write(2, data[2:])
+    for i in range(6):
+        vmask.write(i, valid[i : i + 1])
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("c*")) if p.is_file()}
+
+    for arr in ("tiles", "valid"):
+        want, got = files(tmp_path / "zarr.zarr" / arr), files(tmp_path / "direct.zarr" / arr)
+        assert got == want, arr
+    assert "c.4.0.0.0" not in files(tmp_path / "direct.zarr" / "tiles") or codec == "slash"
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "direct.zarr" / "tiles"))[:], data)
+    with pytest.raises(IndexError, match="direct.zarr"):
+        tiles.write(5, data[:2])

@@ -55,6 +55,7 @@ from dinov3geo.io.cog import COGWriter
 from dinov3geo.io.grid import GridSpec
 from dinov3geo.io.vector import aoi_geometry, aoi_mask
 from dinov3geo.utils.atomic import check_writable
+from dinov3geo.utils.memory import keep_freed_memory as _keep_freed_memory
 from dinov3geo.utils.progress import progress_bar
 from dinov3geo.utils.runs import consecutive_runs
 
@@ -822,6 +823,7 @@ def predict_raster(
     gdal_cachemax_mb: int | None = None,
     tags: dict[str, Any] | None = None,
     stats: dict[str, Any] | None = None,
+    keep_freed_memory: bool = True,
 ) -> Path:
     """Run ``model`` over a whole raster region with blended sliding windows and write a COG.
 
@@ -870,6 +872,10 @@ def predict_raster(
         tags: extra dataset metadata for the COG.
         stats: a dict to fill with run statistics (``seconds``, ``model_seconds``: time in model calls,
             ``windows_run``, ``blocks_run``, ``blocks_resumed``, ``finish_seconds``: building the final COG).
+        keep_freed_memory: during the run, freed buffers (block accumulators, model outputs) stay in the
+            process for the next block instead of being unmapped and faulted in again
+            (:func:`dinov3geo.utils.memory.keep_freed_memory`, glibc only; measured on the data path of an
+            8192^2 raster: 4.1 s instead of 4.3-4.8 s, half the system time). Peak memory is unchanged.
 
     With ``scale > 1`` an output pixel is valid when any of its input pixels is valid (and inside the AOI).
 
@@ -943,7 +949,7 @@ def predict_raster(
                           "windows_run": None, "layout": {"window": window, "overlap": overlap, "scale": scale,
                                                           "block_windows": bw, "n_windows": layout.n_windows}}
     try:
-        with rasterio.Env(GDAL_CACHEMAX=gdal_cachemax_mb), writer:
+        with rasterio.Env(GDAL_CACHEMAX=gdal_cachemax_mb), writer, _keep_freed_memory(keep_freed_memory):
             tiles = _TileWriter(cfg, model, writer, set(), set())
             if scheduler is not None:
                 _run_dask(cfg, model, tiles, manifest, todo, done_blocks, bar, scheduler)

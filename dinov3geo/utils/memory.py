@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -30,6 +31,9 @@ _DEFAULT_THRESHOLD = 128 * 1024  # glibc's initial value of both thresholds
 # allocations up to this size come from the heap (the logits and gradients of a 65,536-prototype head are
 # 32-64 MiB: a threshold of 32 MiB, the documented maximum of older glibc, measured no gain)
 _MMAP_THRESHOLD = 1 << 30
+_TRIM_THRESHOLD = 2**31 - 1  # free bytes at the top of the heap kept before trimming: all of them
+_lock = threading.Lock()
+_active = 0  # contexts currently open (the settings are process-wide: set by the first, restored by the last)
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -44,21 +48,26 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 @contextmanager
-def keep_freed_memory(enabled: bool = True, trim_threshold: int = 2**31 - 1) -> Iterator[bool]:
+def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """Within the context, freed heap memory stays in the process for reuse (see module docstring).
+
+    The allocator settings are process-wide: nested or concurrent contexts (e.g. two region runs in
+    threads) share them; the last one to exit restores glibc's defaults.
 
     Args:
         enabled: ``False`` makes this a no-op (the context yields ``False``).
-        trim_threshold: bytes of free memory at the top of the heap that glibc keeps before trimming.
 
     Yields:
-        Whether the allocator settings were changed (``False`` off glibc or when disabled).
+        Whether the settings are in effect (``False`` off glibc or when disabled).
     """
+    global _active
     libc = _glibc() if enabled else None
     ok = False
     if libc is not None:
-        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(
-            libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+        with _lock:
+            ok = _active > 0 or (bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
+                                 and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)))
+            _active += ok
         if not ok:
             log.debug("mallopt refused the thresholds; the allocator keeps its defaults")
     elif enabled:
@@ -67,6 +76,9 @@ def keep_freed_memory(enabled: bool = True, trim_threshold: int = 2**31 - 1) -> 
         yield ok
     finally:
         if libc is not None and ok:
-            libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_THRESHOLD)
-            libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_THRESHOLD)
-            libc.malloc_trim(0)
+            with _lock:
+                _active -= 1
+                if _active == 0:
+                    libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_THRESHOLD)
+                    libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_THRESHOLD)
+                    libc.malloc_trim(0)

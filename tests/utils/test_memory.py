@@ -45,6 +45,22 @@ def test_big_allocations_come_from_the_heap_inside_the_context():
     assert restored >= n * 4  # defaults back after the context
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or _glibc() is None, reason="glibc only")
+def test_nested_contexts_keep_the_settings_until_the_last_exits():
+    n = 48 * 2**20 // 4
+    with keep_freed_memory():
+        with keep_freed_memory() as inner:
+            assert inner
+        before = _mmapped_bytes()
+        t = torch.empty(n)
+        assert _mmapped_bytes() - before == 0  # still from the heap: the outer context is open
+        del t
+    before = _mmapped_bytes()
+    t = torch.empty(n)
+    assert _mmapped_bytes() - before >= n * 4
+    del t
+
+
 def test_disabled_is_a_no_op():
     with keep_freed_memory(enabled=False) as changed:
         assert changed is False

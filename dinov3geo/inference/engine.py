@@ -538,13 +538,83 @@ def _slice(inner: Rect, outer: Rect) -> tuple[slice, slice]:
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
+class _ThreadTuner:
+    """Picks the model's intra-op thread count on CPU from the measured throughput of the whole pipeline.
+
+    The reader and writer threads share the cores with the model. A heavy model (a ViT backbone) runs about
+    twice as fast on two intra-op threads as on one, but a model that is cheap next to reading and writing
+    gains nothing from a second thread and loses CPU to it (idle OpenMP workers spin between operators):
+    measured on the data path of an 8192^2 raster (2 cores), 2.9-3.2 s with one thread vs 3.4-3.5 s with
+    two, with the same time in model calls. So after ``warmup`` batches the tuner runs a group of ``group``
+    batches with all threads, then one with one thread, timing each batch's wall time per window from the end
+    of the previous one (waits for data included: the I/O threads' share counts; the first batch of a group
+    is not timed, it may come from the other setting's read-ahead), and keeps the faster setting for the rest
+    of the run. Shortcuts after the first group: when the model calls fill at least ``busy`` of the wall time
+    with all threads (the model is the bottleneck: a backbone on CPU), all threads are kept; when they fill
+    less than 0.9 / ``n_max`` of it, one thread is chosen without a trial (even ``n_max`` times slower, the model
+    would keep up with reading and writing). One thread is also given up early when it is clearly slower
+    (``early`` x after two timed batches). The caller restores torch's setting afterwards.
+    """
+
+    def __init__(self, n_max: int, warmup: int = 2, group: int = 4, early: float = 1.3, busy: float = 0.8) -> None:
+        self.n_max = n_max
+        self.candidates = [n_max, 1] if n_max > 1 else [n_max]
+        self.plan = [n_max] * warmup + [c for c in self.candidates for _ in range(group)]
+        self.timed = [False] * warmup + [k > 0 for _ in self.candidates for k in range(group)]
+        self.early = early
+        self.busy = busy
+        self.model_seconds = 0.0
+        self.i = 0
+        self.seconds = dict.fromkeys(self.candidates, 0.0)
+        self.windows = dict.fromkeys(self.candidates, 0)
+        self.batches = dict.fromkeys(self.candidates, 0)
+        self.chosen: int | None = None if len(self.candidates) > 1 else n_max
+        self._t = time.perf_counter()
+
+    def threads(self) -> int:
+        """The intra-op threads for the next batch."""
+        return self.chosen if self.chosen is not None else self.plan[self.i]
+
+    def _rate(self, c: int) -> float:
+        return self.seconds[c] / max(1, self.windows[c])
+
+    def done(self, n_windows: int, model_seconds: float) -> None:
+        """Record a finished batch of ``n_windows`` windows whose model call took ``model_seconds``."""
+        now = time.perf_counter()
+        if self.chosen is None:
+            c = self.plan[self.i]
+            if self.timed[self.i]:
+                self.seconds[c] += now - self._t
+                self.windows[c] += n_windows
+                self.batches[c] += 1
+                if c == self.n_max:
+                    self.model_seconds += model_seconds
+            self.i += 1
+            last_of_group = self.i < len(self.plan) and self.plan[self.i] != c and self.timed[self.i - 1]
+            share = self.model_seconds / max(self.seconds[self.n_max], 1e-9)
+            if c == self.n_max and last_of_group and share >= self.busy:
+                self.chosen = self.n_max  # model-bound: all threads
+            elif c == self.n_max and last_of_group and share * self.n_max < 0.9:
+                self.chosen = 1  # even n_max times slower, one thread would keep up with reading and writing
+            elif c == 1 and self.batches[1] >= 2 and self._rate(1) > self.early * self._rate(self.n_max):
+                self.chosen = self.n_max
+            elif self.i == len(self.plan):
+                self.chosen = min(self.candidates, key=self._rate)
+            if self.chosen is not None:
+                log.debug("pipeline s/window by intra-op threads: %s -> %d",
+                          {k: self._rate(k) for k in self.candidates}, self.chosen)
+        self._t = now
+
+
 class _Pipeline:
     """Reader thread -> model (calling thread) -> writer thread, with bounded queues."""
 
     def __init__(self, cfg: InferenceConfig, model: RasterModel, tiles: _TileWriter, manifest: _Manifest,
                  todo: list[tuple[int, int]], done: list[tuple[int, int]], bar: Any, queue_batches: int,
-                 io_nice: int = 0) -> None:
+                 io_nice: int = 0, model_threads: int | str | None = None) -> None:
         self.cfg, self.model, self.tiles, self.manifest = cfg, model, tiles, manifest
+        self.model_threads = model_threads
+        self.threads_used: int | None = None
         self.io_nice = io_nice
         self.todo, self.done, self.bar = todo, done, bar
         self.q_in: queue.Queue = queue.Queue(maxsize=queue_batches)
@@ -671,6 +741,12 @@ class _Pipeline:
         amp = resolve_amp(cfg.amp, device)
         rt = threading.Thread(target=self._reader, name="dinov3geo-reader", daemon=True)
         wt = threading.Thread(target=self._writer, name="dinov3geo-writer", daemon=True)
+        user_threads = torch.get_num_threads()
+        tuner = None
+        if device.type == "cpu" and self.model_threads == "auto":
+            tuner = _ThreadTuner(user_threads)
+        elif device.type == "cpu" and isinstance(self.model_threads, int):
+            torch.set_num_threads(max(1, self.model_threads))
         rt.start()
         wt.start()
         try:
@@ -680,10 +756,15 @@ class _Pipeline:
                     break
                 if item[0] == "batch":
                     batch = item[1]
+                    if tuner is not None and torch.get_num_threads() != tuner.threads():
+                        torch.set_num_threads(tuner.threads())
                     t0 = time.perf_counter()
                     y = _run_model(self.model, batch, device, amp, cfg.out_bands, cfg.layout.window_out)
-                    self.model_seconds += time.perf_counter() - t0
+                    dt = time.perf_counter() - t0
+                    self.model_seconds += dt
                     self.model_windows += len(batch.cells)
+                    if tuner is not None:
+                        tuner.done(len(batch.cells), dt)
                     self._put(self.q_out, ("out", batch, y))
                 else:
                     self._put(self.q_out, item)
@@ -691,6 +772,8 @@ class _Pipeline:
         except BaseException as exc:
             self._fail(exc)
         finally:
+            self.threads_used = tuner.chosen if tuner is not None and tuner.chosen else torch.get_num_threads()
+            torch.set_num_threads(user_threads)
             if self.errors:
                 self.stop.set()
             wt.join()
@@ -824,6 +907,7 @@ def predict_raster(
     tags: dict[str, Any] | None = None,
     stats: dict[str, Any] | None = None,
     keep_freed_memory: bool = True,
+    model_threads: int | str | None = "auto",
 ) -> Path:
     """Run ``model`` over a whole raster region with blended sliding windows and write a COG.
 
@@ -876,12 +960,20 @@ def predict_raster(
             process for the next block instead of being unmapped and faulted in again
             (:func:`dinov3geo.utils.memory.keep_freed_memory`, glibc only; measured on the data path of an
             8192^2 raster: 4.1 s instead of 4.3-4.8 s, half the system time). Peak memory is unchanged.
+        model_threads: intra-op threads of the model on CPU during the run: ``"auto"`` measures the pipeline's
+            throughput with torch's thread count and with one thread on the first batches and keeps the faster
+            (:class:`_ThreadTuner`; one wins when the model is cheap next to reading and writing), an int
+            uses that many, None leaves torch's setting. Torch's setting is restored afterwards; the choice
+            is in ``stats["model_threads"]``.
 
     With ``scale > 1`` an output pixel is valid when any of its input pixels is valid (and inside the AOI).
 
     Returns:
         ``out_path`` as an absolute path.
     """
+    if not (model_threads is None or model_threads == "auto" or (isinstance(model_threads, int)
+                                                                 and model_threads >= 1)):
+        raise ValueError(f"model_threads must be 'auto', None or a positive int, got {model_threads!r}")
     out = check_writable(out_path)
     _remove_stale_staging(out)
     src = as_source(source, bands=bands, grid=out_grid, nodata=nodata)
@@ -956,10 +1048,11 @@ def predict_raster(
             elif threads:
                 model.to(dev).eval()
                 pipe = _Pipeline(cfg, model, tiles, manifest, todo, done_blocks, bar, queue_batches=3,
-                                 io_nice=io_nice if dev.type == "cpu" else 0)
+                                 io_nice=io_nice if dev.type == "cpu" else 0, model_threads=model_threads)
                 pipe.run()
                 st.update(model_seconds=pipe.model_seconds, windows_run=pipe.model_windows,
-                          reader_cpu_seconds=pipe.reader_cpu, writer_cpu_seconds=pipe.writer_cpu)
+                          reader_cpu_seconds=pipe.reader_cpu, writer_cpu_seconds=pipe.writer_cpu,
+                          model_threads=pipe.threads_used)
             else:
                 model.to(dev).eval()
                 for b in done_blocks:

@@ -793,6 +793,7 @@ class _FeatureCOGWriter(COGWriter):
     """
 
     def __init__(self, *args: Any, overviews: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("whole_blocks", True)  # tiles are written whole, on the COG's tile grid
         super().__init__(*args, **kwargs)
         self._overviews = overviews
 

@@ -114,6 +114,9 @@ class COGWriter:
             is pure overhead: measured on a 512^2 x 384 float32 output (region-inference data path, 2 cores),
             uncompressed staging cut the CPU of writing + finishing by 1.5 s and the run from 3.5-3.7 s to
             2.8-2.9 s. Unwritten tiles take no space either way (``SPARSE_OK``).
+        whole_blocks: the caller promises to write whole ``blocksize`` tiles only (windows on the tile grid,
+            full tiles or up to the raster's edge; checked). A raster without overview levels is then written
+            in its final form and renamed at the end, with no conversion pass (:meth:`_final_profile`).
 
     Raises:
         OutputError: when the output folder cannot be written.
@@ -139,6 +142,7 @@ class COGWriter:
         num_threads: int = 2,
         validate: bool = True,
         staging_compress: str = "auto",
+        whole_blocks: bool = False,
     ) -> None:
         self.path = check_writable(path)
         if not isinstance(grid, GridSpec):
@@ -198,6 +202,8 @@ class COGWriter:
             raise ValueError(f"staging_compress must be 'auto', 'none' or 'zstd', got {staging_compress!r}")
         self.staging_compress = staging_compress
         self._auto_codec: str | None = None
+        self.whole_blocks = bool(whole_blocks)
+        self._direct = False
         self._stage: Path | None = None
         self._ds: Any = None
         self._finalizer: weakref.finalize | None = None
@@ -236,6 +242,31 @@ class COGWriter:
             self._auto_codec = "none" if raw <= free / 4 else "zstd"
         return self._auto_codec
 
+    def _final_profile(self) -> dict[str, Any]:
+        """GTiff creation options of a COG without overviews written in place (``_direct``, ``whole_blocks``).
+
+        A tiled GeoTIFF created by GDAL has its IFD right after the header and, without overviews, nothing
+        else the COG layout constrains: it validates as a COG as it is (``validate_cog``; GDAL's own validator
+        checks block order only for files that declare ``BLOCK_ORDER=ROW_MAJOR``). Every tile is written
+        (``SPARSE_OK`` off: unwritten tiles are stored as nodata), with the COG's compression, predictor and
+        level. Only whole tiles are written: GDAL fills the unwritten part of a partly written pixel-interleaved
+        tile with 0 instead of nodata in bands after the first (seen with 20 bands), which the staging path
+        tolerates (its conversion reads the staging file's nodata fill) but a file written in place would keep. This saves the staging file's whole decode + re-encode pass at the end (measured on a
+        512^2 x 384 float32 output of the region engine: 0.7-0.8 s of a 3.5 s run, all of it serial).
+        """
+        opts: dict[str, Any] = {"sparse_ok": False}
+        if self.compress != "none":
+            opts["compress"] = self.compress
+            if self.compress in _PREDICTOR_COMPRESSIONS:
+                opts["predictor"] = self.predictor
+            if self.level is not None:
+                key = {"deflate": "zlevel", "zstd": "zstd_level", "lzma": "lzma_preset", "jpeg": "jpeg_quality",
+                       "webp": "webp_level", "lerc_zstd": "zstd_level", "lerc_deflate": "zlevel"}.get(self.compress)
+                if key is None:
+                    raise ValueError(f"no compression level for {self.compress!r}")
+                opts[key] = int(self.level)
+        return opts
+
     def _env(self) -> rasterio.Env:
         return rasterio.Env(GDAL_CACHEMAX=self.gdal_cachemax_mb, GDAL_NUM_THREADS=str(self.num_threads))
 
@@ -265,7 +296,11 @@ class COGWriter:
             "sparse_ok": True,
             "num_threads": self.num_threads,
         }
-        if self._staging_codec() == "zstd":
+        self._direct = self.whole_blocks and not self.overview_factors()
+        if self._direct:
+            # no overviews: written in the final form straight away (see _final_profile), no conversion pass
+            profile.update(self._final_profile())
+        elif self._staging_codec() == "zstd":
             profile.update(compress="zstd", zstd_level=1)
         try:
             with self._env():
@@ -276,7 +311,19 @@ class COGWriter:
                 self.path, f"cannot create the staging file {str(self._stage)!r} ({exc})"
             ) from exc
         self._finalizer = weakref.finalize(self, _cleanup, self._ds, self._stage)
+        if self._direct:  # metadata before the first block: GDAL writes the IFD (with it) at the file's start
+            with self._env():
+                self._set_metadata(self._ds)
         return self
+
+    def _set_metadata(self, ds: Any) -> None:
+        if self.band_names:
+            for i, name in enumerate(self.band_names, start=1):
+                ds.set_band_description(i, name)
+        if self.tags:
+            ds.update_tags(**self.tags)
+        for bidx, t in self.band_tags.items():
+            ds.update_tags(bidx, **t)
 
     def __enter__(self) -> COGWriter:
         return self.open()
@@ -314,6 +361,8 @@ class COGWriter:
         if arr.ndim != 3 or arr.shape[0] != self.count:
             raise ValueError(f"expected an array of shape [{self.count}, h, w], got {np.shape(array)}")
         win = self._check_window(window, arr.shape[1:])
+        if self.whole_blocks:
+            self._check_whole_blocks(win)
         arr = self._cast(arr)
         with self._env():
             self._ds.write(arr, window=win)
@@ -331,6 +380,12 @@ class COGWriter:
         if c < 0 or r < 0 or c + w > self.grid.width or r + h > self.grid.height:
             raise ValueError(f"window {window} lies outside the {self.grid.height}x{self.grid.width} grid")
         return Window(c, r, w, h)
+
+    def _check_whole_blocks(self, win: Window) -> None:
+        bs, g = self.blocksize, self.grid
+        c, r, w, h = int(win.col_off), int(win.row_off), int(win.width), int(win.height)
+        if c % bs or r % bs or (w % bs and c + w != g.width) or (h % bs and r + h != g.height):
+            raise ValueError(f"window {win} is not made of whole {bs} x {bs} tiles (whole_blocks=True)")
 
     def _cast(self, arr: np.ndarray) -> np.ndarray:
         dt = self.dtype
@@ -372,14 +427,9 @@ class COGWriter:
         try:
             with self._env():
                 ds = self._ds
-                if self.band_names:
-                    for i, name in enumerate(self.band_names, start=1):
-                        ds.set_band_description(i, name)
-                if self.tags:
-                    ds.update_tags(**self.tags)
-                for bidx, t in self.band_tags.items():
-                    ds.update_tags(bidx, **t)
-                factors = self.overview_factors()
+                if not self._direct:
+                    self._set_metadata(ds)
+                factors = [] if self._direct else self.overview_factors()
                 if factors:
                     ovr = {"COMPRESS_OVERVIEW": "ZSTD", "ZSTD_LEVEL_OVERVIEW": "1"} \
                         if self._staging_codec() == "zstd" else {"COMPRESS_OVERVIEW": "NONE"}
@@ -387,7 +437,10 @@ class COGWriter:
                         ds.build_overviews(factors, _resampling_enum(self.overview_resampling))
                 ds.close()
                 self._ds = None
-                rasterio.shutil.copy(stage, tmp, driver="COG", **self._cog_options(bool(factors)))
+                if self._direct and not Path(f"{stage}.aux.xml").exists():
+                    os.replace(stage, tmp)
+                else:  # (a direct file whose metadata did not fit its TIFF tags is converted as usual)
+                    rasterio.shutil.copy(stage, tmp, driver="COG", **self._cog_options(bool(factors)))
             if self.validate:
                 ok, errors, warnings = validate_cog(tmp)
                 if not ok:
@@ -404,9 +457,9 @@ class COGWriter:
         self._closed = True
         if self._finalizer is not None:
             self._finalizer()
-        for side in (".aux.xml",):
+        for side in (f"{tmp}.aux.xml", f"{stage}.aux.xml"):
             with contextlib.suppress(FileNotFoundError):
-                Path(f"{tmp}{side}").unlink()
+                Path(side).unlink()
         return self.path
 
     def overview_factors(self) -> list[int]:

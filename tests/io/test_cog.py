@@ -148,9 +148,21 @@ def test_overwrite_is_atomic_and_failed_write_keeps_old_file(tmp_path: Path, mon
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(cogmod.rasterio.shutil, "copy", broken_copy)
-    with pytest.raises(OutputError, match="No space left") as info:
-        write_cog(out, np.full((200, 300), 4, np.uint8), grid)
+    with pytest.raises(OutputError, match="No space left") as info:  # a raster with overviews: converted
+        write_cog(out, np.full((GRID.height, GRID.width), 4, np.uint8), GRID)
     assert str(out) in str(info.value)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["map.tif"]
+
+    # 3) failure of a raster written in its final form (no overviews, whole tiles: no conversion pass)
+    from dinov3geo.inference.engine import _FeatureCOGWriter
+
+    monkeypatch.undo()
+    monkeypatch.setattr(cogmod, "validate_cog", lambda path: (False, ["broken on purpose"], []))
+    with pytest.raises(InvalidCOGError, match="broken on purpose"), \
+            _FeatureCOGWriter(out, grid, 1, "uint8", overviews=False) as w:
+        assert w._direct
+        w.write(np.full((1, 200, 300), 5, np.uint8), Window(0, 0, 300, 200))
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["map.tif"]
 
@@ -281,3 +293,48 @@ def test_staging_compression_does_not_change_the_cog(tmp_path: Path, monkeypatch
     assert COGWriter(tmp_path / "b.tif", GRID, count=2, dtype="float32")._staging_codec() == "zstd"
     with pytest.raises(ValueError, match="staging_compress"):
         COGWriter(tmp_path / "c.tif", GRID, count=1, dtype="uint8", staging_compress="lz4")
+
+
+def test_raster_without_overviews_is_written_in_final_form(tmp_path: Path, monkeypatch) -> None:
+    """No overview levels and whole tiles (``whole_blocks``, as the region engine writes): the file is created
+    with the COG's options and only renamed at the end (no conversion pass); it validates, keeps compression,
+    predictor, nodata, names and tags, never-written tiles read as nodata, and it equals what the conversion
+    path produces. Windows off the tile grid are refused in that mode."""
+    grid = GRID.window_grid(Window(0, 0, 500, 380))
+    rng = np.random.default_rng(7)
+    src = rng.normal(size=(20, 380, 500)).astype(np.float32)
+    copies: list = []
+    real_copy = cogmod.rasterio.shutil.copy
+    monkeypatch.setattr(cogmod.rasterio.shutil, "copy", lambda *a, **k: copies.append(a) or real_copy(*a, **k))
+    tiles = [Window(c, r, min(128, 500 - c), min(128, 380 - r)) for r in range(0, 380, 128) for c in range(0, 500, 128)]
+    order = np.random.default_rng(1).permutation(len(tiles))
+
+    def write(path: Path, whole_blocks: bool) -> Path:
+        from dinov3geo.inference.engine import _FeatureCOGWriter  # a COGWriter without overviews
+
+        with _FeatureCOGWriter(path, grid, 20, "float32", nodata=float("nan"), blocksize=128, compress="zstd",
+                               level=1, band_names=[f"f{i}" for i in range(20)], tags={"model": "x"},
+                               whole_blocks=whole_blocks, overviews=False) as w:
+            for i in order:
+                if (tiles[i].col_off, tiles[i].row_off) == (128, 0):
+                    continue  # one tile never written
+                w.write(_block(src, tiles[i]), tiles[i])
+            if whole_blocks:
+                with pytest.raises(ValueError, match="whole 128 x 128 tiles"):
+                    w.write(_block(src, Window(10, 0, 128, 128)), Window(10, 0, 128, 128))
+        return path
+
+    direct = write(tmp_path / "direct.tif", whole_blocks=True)
+    assert copies == []  # renamed, not converted
+    assert validate_cog(direct) == (True, [], [])
+    converted = write(tmp_path / "converted.tif", whole_blocks=False)
+    assert len(copies) == 1
+    with rasterio.open(direct) as a, rasterio.open(converted) as b:
+        got, ref = a.read(), b.read()
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+        np.testing.assert_array_equal(got[~np.isnan(got)], ref[~np.isnan(ref)])
+        assert np.isnan(got[:, :128, 128:256]).all() and not np.isnan(got[:, :128, :128]).any()
+        assert a.overviews(1) == [] and a.compression.name.lower() == "zstd"
+        assert a.tags(ns="IMAGE_STRUCTURE")["PREDICTOR"] == "3" and math.isnan(a.nodata)
+        assert a.descriptions[3] == "f3" and a.tags()["model"] == "x" and a.block_shapes[0] == (128, 128)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["converted.tif", "direct.tif"]

@@ -1,8 +1,9 @@
 """Run a pretraining stage with Lightning: ``pretrain(cfg)``; resumable; exports the backbone at the end.
 
 ``pretrain`` builds the Lightning ``Trainer`` from ``cfg.train`` (``accelerator="auto"``, DDP/FSDP strategies
-for multi-GPU and multi-node under ``torchrun``/SLURM, bf16 mixed precision on CUDA, fp32 on CPU, Meta's bf16-parameter mixed precision as an option), logs to
-CSV and TensorBoard under ``output_dir``, writes resumable checkpoints atomically every
+for multi-GPU and multi-node under ``torchrun``/SLURM, bf16 mixed precision on CUDA, fp32 on CPU, the official
+recipe's bf16 parameter copies as an option: :mod:`dinov3geo.ssl.precision`), logs to CSV and TensorBoard under
+``output_dir``, writes resumable checkpoints atomically every
 ``train.checkpoint_every`` iterations (``checkpoints/last.ckpt``) and, at the end, exports the EMA teacher's
 backbone in Meta's format (``backbone.pth`` + ``backbone.pth.json`` metadata sidecar) and in dinov3geo's own
 format (``backbone.dinov3geo.pt``), both loadable with :func:`dinov3geo.models.load_backbone`.

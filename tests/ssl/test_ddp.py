@@ -138,7 +138,8 @@ def test_two_process_first_step_gradients_equal_single_process(store, tmp_path):
 
 
 @pytest.mark.distributed
-def test_lightning_ddp_two_processes_cli(store, tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-params"])
+def test_lightning_ddp_two_processes_cli(store, tmp_path, precision):
     import yaml
 
     cfg = {"data": {"store": str(store), "batch_size": 2, "num_workers": 0},
@@ -148,7 +149,7 @@ def test_lightning_ddp_two_processes_cli(store, tmp_path):
            "ibot": {"head_n_prototypes": 64, "head_hidden_dim": 32, "head_bottleneck_dim": 16},
            "optim": {"iterations": 2},
            "train": {"output_dir": str(tmp_path / "run"), "accelerator": "cpu", "devices": 2, "strategy": "ddp",
-                     "progress_bar": False}}
+                     "progress_bar": False, "precision": precision}}
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "DINOV3GEO_NO_PROGRESS": "1"}
@@ -158,3 +159,5 @@ def test_lightning_ddp_two_processes_cli(store, tmp_path):
     assert (tmp_path / "run" / "backbone.pth").exists()
     ck = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ck["global_step"] == 2
+    # bf16-params: the fp32 master weights are what DDP averaged gradients into and what is saved
+    assert all(v.dtype == torch.float32 for v in ck["state_dict"].values() if v.is_floating_point())

@@ -251,8 +251,9 @@ class COGWriter:
         (``SPARSE_OK`` off: unwritten tiles are stored as nodata), with the COG's compression, predictor and
         level. Only whole tiles are written: GDAL fills the unwritten part of a partly written pixel-interleaved
         tile with 0 instead of nodata in bands after the first (seen with 20 bands), which the staging path
-        tolerates (its conversion reads the staging file's nodata fill) but a file written in place would keep. This saves the staging file's whole decode + re-encode pass at the end (measured on a
-        512^2 x 384 float32 output of the region engine: 0.7-0.8 s of a 3.5 s run, all of it serial).
+        tolerates (its conversion reads the staging file's nodata fill) but a file written in place would keep.
+        This saves the staging file's whole decode + re-encode pass at the end (measured on a 512^2 x 384
+        float32 output of the region engine: 0.7-0.8 s of a 3.5 s run, all of it serial).
         """
         opts: dict[str, Any] = {"sparse_ok": False}
         if self.compress != "none":

@@ -75,9 +75,12 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
         with _lock:
             ok = _active > 0 or (bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
                                  and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)))
+            if not ok:  # one of the two refused: put both back where the exit would
+                libc.mallopt(_M_MMAP_THRESHOLD, _RESTORE_MMAP)
+                libc.mallopt(_M_TRIM_THRESHOLD, _RESTORE_TRIM)
             _active += ok
         if not ok:
-            log.debug("mallopt refused the thresholds; the allocator keeps its defaults")
+            log.debug("mallopt refused the thresholds; the allocator keeps its settings")
     elif enabled:
         log.debug("keep_freed_memory: not glibc, nothing changed")
     try:

@@ -52,12 +52,13 @@ def test_big_allocations_come_from_the_heap_inside_the_context():
 
 
 class _FakeLibc:
-    def __init__(self) -> None:
+    def __init__(self, refuse: int | None = None) -> None:
         self.calls: list[tuple] = []
+        self.refuse = refuse  # a parameter whose first setting is refused
 
     def mallopt(self, param: int, value: int) -> int:
         self.calls.append(("mallopt", param, value))
-        return 1
+        return 0 if param == self.refuse and len(self.calls) <= 2 else 1
 
     def malloc_trim(self, pad: int) -> int:
         self.calls.append(("trim", pad))
@@ -76,6 +77,16 @@ def test_nested_contexts_keep_the_settings_until_the_last_exits(monkeypatch: pyt
     # dynamic rule settles at
     assert fake.calls[2:] == [("mallopt", memory._M_MMAP_THRESHOLD, 32 * 2**20),
                               ("mallopt", memory._M_TRIM_THRESHOLD, 64 * 2**20), ("trim", 0)]
+    assert memory._active == 0
+
+
+def test_a_refused_threshold_leaves_both_at_the_exit_values(monkeypatch: pytest.MonkeyPatch):
+    fake = _FakeLibc(refuse=memory._M_TRIM_THRESHOLD)
+    monkeypatch.setattr(memory, "_glibc", lambda: fake)
+    with keep_freed_memory() as on:
+        assert on is False
+    assert fake.calls[2:] == [("mallopt", memory._M_MMAP_THRESHOLD, 32 * 2**20),
+                              ("mallopt", memory._M_TRIM_THRESHOLD, 64 * 2**20)]
     assert memory._active == 0
 
 

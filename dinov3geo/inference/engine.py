@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import queue
-import shutil
 import tempfile
 import threading
 import time
@@ -55,7 +54,9 @@ from dinov3geo.io.cog import COGWriter
 from dinov3geo.io.grid import GridSpec
 from dinov3geo.io.vector import aoi_geometry, aoi_mask
 from dinov3geo.utils.atomic import check_writable
+from dinov3geo.utils.locks import output_lock
 from dinov3geo.utils.memory import keep_freed_memory as _keep_freed_memory
+from dinov3geo.utils.outputs import folder_kind, guard_output, input_paths, mark_folder, remove_owned
 from dinov3geo.utils.progress import progress_bar
 from dinov3geo.utils.runs import consecutive_runs
 
@@ -120,6 +121,34 @@ class InferenceConfig:
         state = dict(self.__dict__)
         state["_prepared"] = None
         return state
+
+
+#: the dinov3geo folder kind of a run's parts folder (``<out>.parts``)
+PARTS_KIND = "inference-parts"
+
+
+class NoValidDataError(ValueError):
+    """Every input pixel is nodata/NaN (or outside the AOI): the map would be all nodata, so none is written."""
+
+    def __init__(self, source: Any, with_aoi: bool = False) -> None:
+        paths = [str(p) for p in input_paths(source)] or [str(source)]
+        where = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} more)"
+        super().__init__(
+            f"no valid pixel in {where}{' inside the AOI' if with_aoi else ''}: every pixel is nodata or NaN, so "
+            "the map would be empty and nothing was written. Check the input (`dinov3geo info`), its nodata "
+            "value (override it with the nodata option) and the AOI")
+
+
+def _adopt_legacy_parts(parts: Path) -> None:
+    """Mark a parts folder written before folders carried dinov3geo's marker (it holds our manifest)."""
+    if folder_kind(parts) is None and (parts / "manifest.json").is_file():
+        try:
+            doc = json.loads((parts / "manifest.json").read_text())
+            if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
+                return
+        except (OSError, ValueError):
+            return
+        mark_folder(parts, PARTS_KIND)
 
 
 def parts_dir(out_path: str | os.PathLike[str]) -> Path:
@@ -816,7 +845,11 @@ def _cog_blocksize(out_bands: int, dtype: np.dtype) -> int:
 def _remove_stale_staging(out: Path) -> None:
     """Remove staging/temporary siblings of ``out`` left by a killed run (their process no longer exists)."""
     stem = out.stem
-    for p in out.parent.glob(f".{stem}.*-*-*{out.suffix}*"):
+    try:
+        names = [p for p in out.parent.iterdir() if p.name.startswith(f".{stem}.") and out.suffix in p.name]
+    except OSError:
+        return
+    for p in names:
         parts = p.name[len(stem) + 2 :].split("-")
         if len(parts) < 3 or not parts[1].isdigit():
             continue
@@ -914,6 +947,7 @@ def predict_raster(
     stats: dict[str, Any] | None = None,
     keep_freed_memory: bool = True,
     model_threads: int | str | None = "auto",
+    protect: Sequence[Any] = (),
 ) -> Path:
     """Run ``model`` over a whole raster region with blended sliding windows and write a COG.
 
@@ -973,11 +1007,41 @@ def predict_raster(
             uses that many, None leaves torch's setting. Torch's setting is restored afterwards; the choice
             is in ``stats["model_threads"]``.
 
+        protect: more paths the output must not replace or lie inside (the model file, label files...):
+            :func:`dinov3geo.utils.outputs.guard_output` checks ``out_path`` against them, the source and the
+            AOI file before any work.
+
     With ``scale > 1`` an output pixel is valid when any of its input pixels is valid (and inside the AOI).
+
+    Only one process at a time writes ``out_path`` (:func:`dinov3geo.utils.locks.output_lock`); a second one
+    is refused with a message naming the first.
 
     Returns:
         ``out_path`` as an absolute path.
+
+    Raises:
+        OutputConflictError: ``out_path`` is (or lies inside) an input, the model or the AOI.
+        OutputLockedError: another process is writing ``out_path``.
+        NoValidDataError: no input pixel is valid (all nodata/NaN, or none inside the AOI); nothing is written.
     """
+    kw = {k: v for k, v in locals().items() if k not in ("model", "source", "out_path", "protect")}
+    aoi_path = [aoi] if isinstance(aoi, str | os.PathLike) else []
+    out = guard_output(out_path, [source, *aoi_path, *protect], role="output")
+    guard_output(parts_dir(out), [source, *aoi_path, *protect], folder=True, kind=PARTS_KIND,
+                 role="parts folder")
+    with output_lock(out, what="predict"):
+        return _predict_raster(model, source, out, **kw)
+
+
+def _predict_raster(model: RasterModel, source: Any, out_path: Path, *, window: int, overlap: int | None,
+                    batch_size: int, bands: Sequence[str | int] | None, nodata: float | None, aoi: Any,
+                    aoi_crs: Any, out_grid: GridSpec | None, device: str | torch.device, amp: str | bool | None,
+                    block_size: int, read_threads: int | None, threads: bool, io_nice: int, scheduler: Any,
+                    resume: bool, keep_parts: bool, progress: bool, compress: str | None, blocksize: int | None,
+                    overview_resampling: str, overviews: bool | None, gdal_cachemax_mb: int | None,
+                    tags: dict[str, Any] | None, stats: dict[str, Any] | None, keep_freed_memory: bool,
+                    model_threads: int | str | None) -> Path:
+    """:func:`predict_raster` once the output is checked and locked."""
     if not (model_threads is None or model_threads == "auto" or (isinstance(model_threads, int)
                                                                  and model_threads >= 1)):
         raise ValueError(f"model_threads must be 'auto', None or a positive int, got {model_threads!r}")
@@ -1020,8 +1084,10 @@ def predict_raster(
         log.info("resuming %s: %d of %d blocks already done", out, len(manifest.done), layout.n_blocks_total)
     else:
         if parts.exists():
-            shutil.rmtree(parts)
+            _adopt_legacy_parts(parts)
+            remove_owned(parts, kinds=[PARTS_KIND])
         parts.mkdir(parents=True)
+        mark_folder(parts, PARTS_KIND, output=str(out))
         manifest.save()
 
     out_grid_final = src.grid.scaled(scale) if scale > 1 else src.grid
@@ -1074,12 +1140,15 @@ def predict_raster(
             missing = [t for t in blocks if t not in tiles.written]
             if missing:  # pragma: no cover - guards the dependency bookkeeping
                 raise RuntimeError(f"internal error: tiles {missing[:5]} were never written")
+            if blocks and all(manifest.done.get(_Manifest.key(b)) == "empty" for b in blocks):
+                raise NoValidDataError(src.describe(), aoi is not None)
             t_finish = time.perf_counter()
         st["finish_seconds"] = time.perf_counter() - t_finish
     finally:
         bar.close()
     if not keep_parts:
-        shutil.rmtree(parts, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_owned(parts, kinds=[PARTS_KIND])
     st["seconds"] = time.perf_counter() - t_start
     if stats is not None:
         stats.update(st)

@@ -31,6 +31,12 @@ from torch import Tensor
 from dinov3geo.inference import BackboneFeatures, predict_raster
 from dinov3geo.io.grid import GridSpec
 from dinov3geo.models import SAT493M, build_backbone, load_backbone
+from dinov3geo.utils.atomic import check_writable
+from dinov3geo.utils.locks import output_lock
+from dinov3geo.utils.outputs import folder_kind, guard_output, mark_folder, remove_owned
+
+#: the dinov3geo folder kind of a features Zarr
+FEATURES_KIND = "features"
 
 
 @dataclass
@@ -106,18 +112,38 @@ def extract_features(
         window, overlap, batch_size, device, amp: inference-engine settings.
         pca: also write ``<out stem>_pca.png`` and ``<out stem>_pca.tif``.
         value_scale, mean, std: override the input normalisation.
+
+    ``out`` may be a new path, an empty folder or an earlier features output; anything else (an input, a
+    folder holding an input, a folder dinov3geo did not create, a tile store) is refused before any work
+    (:func:`dinov3geo.utils.outputs.guard_output`), and one process at a time writes it.
     """
+    out = guard_output(out, [image, weights], folder=True, kind=FEATURES_KIND, role="features output")
+    stem = out.with_suffix("")
+    pca_paths = [Path(f"{stem}_pca.png"), Path(f"{stem}_pca.tif")] if pca else []
+    for extra in pca_paths:
+        guard_output(extra, [image, weights], role="PCA output")
+    with output_lock(out, what="features"):
+        return _extract_features(image, out, weights=weights, arch=arch, layers=layers, bands=bands,
+                                 window=window, overlap=overlap, batch_size=batch_size, device=device, amp=amp,
+                                 pca=pca, progress=progress, value_scale=value_scale, mean=mean, std=std)
+
+
+def _extract_features(image: Any, out: Path, *, weights: str | os.PathLike | None, arch: str,
+                      layers: Sequence[int], bands: Sequence[str | int] | None, window: int, overlap: int | None,
+                      batch_size: int, device: str, amp: str | None, pca: bool, progress: bool,
+                      value_scale: float | None, mean: Sequence[float] | None,
+                      std: Sequence[float] | None) -> FeatureResult:
+    """:func:`extract_features` once the output is checked and locked."""
     from dinov3geo.inference.sources import as_source
 
-    out = Path(out)
+    tmp_tif = out.parent / f".{out.name}.features.tif"
+    check_writable(tmp_tif)  # the output folder is writable: fail now, not after the extraction
     backbone = load_backbone(weights) if weights is not None else build_backbone(arch)
     backbone.eval()
     src = as_source(image, bands=bands)
     vs, m, s = normalisation_for(backbone, src.dtype if hasattr(src, "dtype") else "float32")
     model = MultiLayerFeatures(backbone, layers, value_scale=value_scale if value_scale is not None else vs,
                                mean=mean if mean is not None else m, std=std if std is not None else s)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_tif = out.parent / f".{out.name}.features.tif"
     predict_raster(model, image, tmp_tif, window=window, overlap=overlap, batch_size=batch_size, bands=bands,
                    device=device, amp=amp, progress=progress, overviews=False)
     try:
@@ -149,11 +175,16 @@ def _to_zarr(tif: Path, out: Path, names: Sequence[str], **attrs: Any) -> GridSp
         v.encoding.pop("chunks", None)
         v.encoding.pop("preferred_chunks", None)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
     try:
         ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
-        if out.exists():
-            shutil.rmtree(out)
+        mark_folder(tmp, FEATURES_KIND)
+        if out.exists():  # an earlier features output (guard_output let nothing else through): moved aside
+            if out.is_dir() and folder_kind(out) is None:
+                mark_folder(out, FEATURES_KIND)  # empty folder: ours to replace
+            os.replace(out, old)
         os.replace(tmp, out)
+        remove_owned(old, kinds=[FEATURES_KIND])
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

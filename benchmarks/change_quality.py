@@ -44,7 +44,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import environment, print_table, write_json  # noqa: E402
+from _common import default_amp, environment, print_table, write_json  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 OSCD = DATA / "change_pairs" / "oscd"
@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local-size", type=int, default=32)
     ap.add_argument("--tile", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3, help="pretraining peak LR")
-    ap.add_argument("--precision", default="bf16-mixed")
+    ap.add_argument("--precision", default="bf16-mixed" if default_amp() == "bf16" else "32-true",
+                    help="train.precision (default: bf16-mixed only where the CPU runs bf16 natively)")
     ap.add_argument("--oscd-upscale", type=int, default=4, help="OSCD input upsampling (16/upscale px patches)")
     ap.add_argument("--oscd-crop", type=int, default=64, help="OSCD training crop (10 m px)")
     ap.add_argument("--levir-crop", type=int, default=128, help="LEVIR training crop (px)")

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import child_main, environment, log, print_table, run_child, write_json
+from _common import child_main, default_amp, environment, log, print_table, run_child, write_json
 
 GOAL_RATIO = 0.95
 GOAL_RSS = 1.2
@@ -121,6 +121,33 @@ def _setup_threads(spec: dict[str, Any]) -> None:
     torch.set_num_threads(spec["threads"])
 
 
+def _allocator(spec: dict[str, Any]) -> Any:
+    """The engine's allocator setting (``predict_raster(keep_freed_memory=True)``: glibc keeps freed buffers),
+    given to every side of a comparison unless ``--no-fair-allocator``."""
+    import contextlib
+
+    from dinov3geo.utils.memory import keep_freed_memory
+
+    return keep_freed_memory() if spec.get("fair_allocator", True) else contextlib.nullcontext()
+
+
+def output_settings(model: Any, size: int, spec: dict[str, Any]) -> dict[str, Any]:
+    """The COG settings ``predict_raster`` picks for ``model``'s output (codec, level, predictor, block size,
+    overviews, GDAL cache, 2 GDAL compression threads): the torchgeo way writes with exactly these."""
+    import math as _m
+
+    import numpy as _np
+
+    from dinov3geo.inference import make_layout
+
+    layout = make_layout(model, size, size, window=spec["window"], overlap=spec["overlap"])
+    bands = model.out_bands
+    compress, level = ("deflate", None) if bands <= 16 else ("zstd", 1)
+    bs = layout.align
+    return {"compress": compress, "level": level, "blocksize": bs, "overviews": bands <= 16, "num_threads": 2,
+            "gdal_cachemax_mb": max(32, _m.ceil(4 * bs * bs * bands * _np.dtype("float32").itemsize / 2**20))}
+
+
 def _batch_sizes(spec: dict[str, Any], model: Any, size: int) -> list[int]:
     """The engine's batch sizes on a fully valid ``size x size`` raster (batches never span blocks)."""
     from dinov3geo.inference import make_layout
@@ -136,19 +163,23 @@ def _batch_sizes(spec: dict[str, Any], model: Any, size: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------- children
 def child_engine(spec: dict[str, Any]) -> dict[str, Any]:
     _setup_threads(spec)
+    from _common import current_rss_mib
+
     from dinov3geo.inference import predict_raster
 
     model = build_model(spec)
+    base_rss = current_rss_mib()  # after imports and model load: the growth is measured from here
     out = Path(spec["out"])
     stats: dict[str, Any] = {}
     t0 = time.perf_counter()
     predict_raster(model, spec["raster"], out, window=spec["window"], overlap=spec["overlap"],
                    batch_size=spec["batch"], amp=spec["amp"], device="cpu", progress=False, resume=False,
-                   stats=stats, read_threads=spec.get("read_threads"))
+                   stats=stats, read_threads=spec.get("read_threads"),
+                   keep_freed_memory=spec.get("fair_allocator", True))
     seconds = time.perf_counter() - t0
     size_mb = out.stat().st_size / 1e6
     out.unlink()
-    return {"seconds": seconds, "out_mb": size_mb, "stats": stats}
+    return {"seconds": seconds, "out_mb": size_mb, "stats": stats, "base_rss_mib": base_rss}
 
 
 def child_model_only(spec: dict[str, Any]) -> dict[str, Any]:
@@ -176,7 +207,8 @@ def child_model_only(spec: dict[str, Any]) -> dict[str, Any]:
 
     with torch.inference_mode(), ctx():  # warm-up
         model(tensors[sizes[0]], valid[sizes[0]])
-    return {"seconds": one_pass(), "windows": sum(sizes), "batches": len(sizes)}
+    with _allocator(spec):  # the engine's allocator setting (fair floor)
+        return {"seconds": one_pass(), "windows": sum(sizes), "batches": len(sizes)}
 
 
 def child_torchgeo(spec: dict[str, Any]) -> dict[str, Any]:
@@ -198,6 +230,8 @@ def child_torchgeo(spec: dict[str, Any]) -> dict[str, Any]:
 
     model = build_model(spec).eval()
     scale = model.scale
+    alloc = _allocator(spec)
+    alloc.__enter__()
     t0 = time.perf_counter()
     ds = Region(paths=str(raster.parent))
     sampler = GridGeoSampler(ds, size=spec["window"], stride=spec["window"] - spec["overlap"])
@@ -227,14 +261,26 @@ def child_torchgeo(spec: dict[str, Any]) -> dict[str, Any]:
             cnt[r0:r1, c0:c1] += 1
         n += x.shape[0]
     out = np.divide(acc, cnt, out=np.full_like(acc, np.nan), where=cnt > 0)
-    profile.update(count=k, dtype="float32", nodata=float("nan"), compress="deflate", predictor=3,
-                   transform=profile["transform"] * rasterio.Affine.scale(scale), width=ow, height=oh,
-                   blockxsize=256, blockysize=256, tiled=True)
-    with rasterio.open(spec["out"], "w", **profile) as dst:
-        dst.write(out)
-    seconds = time.perf_counter() - t0
+    t_write = time.perf_counter()
+    # the same output as the engine's: a COG written by the same writer with the same codec, predictor, block
+    # size, overviews, GDAL cache and compression threads (the settings are in the JSON output)
+    from rasterio.windows import Window
+
+    from dinov3geo.inference.engine import _FeatureCOGWriter as COGWriter  # the engine's own writer
+    from dinov3geo.io.grid import GridSpec
+
+    st = output_settings(model, max(height, width), spec)
+    grid = GridSpec(profile["crs"], profile["transform"] * rasterio.Affine.scale(scale), ow, oh)
+    with rasterio.Env(GDAL_CACHEMAX=st["gdal_cachemax_mb"]), COGWriter(
+            spec["out"], grid, k, "float32", nodata=float("nan"), compress=st["compress"], level=st["level"],
+            blocksize=st["blocksize"], overviews=st["overviews"], num_threads=st["num_threads"],
+            gdal_cachemax_mb=st["gdal_cachemax_mb"]) as wr:
+        wr.write(out, Window(0, 0, ow, oh))
+    end = time.perf_counter()
+    alloc.__exit__(None, None, None)
     Path(spec["out"]).unlink()
-    return {"seconds": seconds, "windows": n, "missing_px": int((cnt == 0).sum())}
+    return {"seconds": end - t0, "write_seconds": end - t_write, "windows": n,
+            "missing_px": int((cnt == 0).sum()), "output_settings": st}
 
 
 HANDLERS = {"engine": child_engine, "model_only": child_model_only, "torchgeo": child_torchgeo}
@@ -262,7 +308,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--overlap", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--amp", default="bf16", choices=["bf16", "none"])
+    ap.add_argument("--amp", default=default_amp(), choices=["bf16", "none"],
+                    help="autocast on CPU (default: bf16 only where the CPU runs it natively)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of the timed runs (best is used)")
     ap.add_argument("--tg-workers", type=int, default=1, help="DataLoader workers for the torchgeo run")
@@ -274,6 +321,9 @@ def main() -> None:
                          "model-bound (0: skip)")
     ap.add_argument("--rss-only", action="store_true", help="only the two RSS runs (engine on the large and the "
                     "small raster), e.g. for 20000^2 vs 5000^2 with a ViT-S, where a throughput run takes minutes")
+    ap.add_argument("--no-fair-allocator", action="store_true",
+                    help="run the floors without the engine's allocator setting (glibc keeps freed memory); by "
+                         "default every side gets it")
     ap.add_argument("--keep", action="store_true", help="keep the generated rasters")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -287,7 +337,8 @@ def main() -> None:
     big, small = work / f"region_{args.size}.tif", work / f"region_{args.small_size}.tif"
     base = {"arch": args.arch, "head_bands": args.head_bands, "window": args.window, "overlap": args.overlap,
             "batch": args.batch, "amp": None if args.amp == "none" else args.amp, "threads": args.threads,
-            "tg_workers": args.tg_workers, "read_threads": args.read_threads}
+            "tg_workers": args.tg_workers, "read_threads": args.read_threads,
+            "fair_allocator": not args.no_fair_allocator}
     try:
         for p, s in ((big, args.size), (small, args.small_size)):
             log(f"generating {p} ({s}^2 x 4 uint16, {s * s * 8 / 1e9:.2f} GB raw)")
@@ -349,6 +400,9 @@ def main() -> None:
         floor_s, eng_s = _best(floor_runs), _best(eng_runs)
         ratio, ratio_med = floor_s / eng_s, _median(floor_runs) / _median(eng_runs)
         rss_ratio = rss_big["peak_rss_mib"] / rss_small["peak_rss_mib"]
+        growth_big = rss_big["peak_rss_mib"] - rss_big["base_rss_mib"]
+        growth_small = rss_small["peak_rss_mib"] - rss_small["base_rss_mib"]
+        growth_ratio = growth_big / max(growth_small, 1e-9)
         busy = [r["stats"]["model_seconds"] / r["seconds"] for r in eng_runs]
         rows: list[list[Any]] = [
             ["model only (tensors in memory, same windows)", mp / floor_s, None, None, "floor"],
@@ -359,15 +413,22 @@ def main() -> None:
             [f"RSS runs ({rss_spec['arch']}): {args.size}^2 vs {args.small_size}^2", None,
              f"{rss_big['peak_rss_mib']:.0f} / {rss_small['peak_rss_mib']:.0f}", rss_ratio,
              f"<= {GOAL_RSS}: {'met' if rss_ratio <= GOAL_RSS else 'NOT met'}"],
+            ["  growth over imports + model load", None, f"{growth_big:.0f} / {growth_small:.0f}", growth_ratio,
+             "(information)"],
         ]
-        res.update(ratio_best=ratio, ratio_median=ratio_med, rss_ratio=rss_ratio, engine_model_busy=busy)
+        res.update(ratio_best=ratio, ratio_median=ratio_med, rss_ratio=rss_ratio, engine_model_busy=busy,
+                   rss_growth_ratio=growth_ratio, fair_allocator=not args.no_fair_allocator)
         if tg_runs:
             speedup, speed_med = _best(tg_runs) / eng_s, _median(tg_runs) / _median(eng_runs)
             res.update(torchgeo_speedup_best=speedup, torchgeo_speedup_median=speed_med)
-            rows.append(["torchgeo: RasterDataset + GridGeoSampler + stitch", mp / _best(tg_runs),
-                         max(r["peak_rss_mib"] for r in tg_runs), None,
+            tg_write = min(r["write_seconds"] for r in tg_runs)
+            eng_finish = min(r["stats"]["finish_seconds"] for r in eng_runs)
+            rows.append(["torchgeo: RasterDataset + GridGeoSampler + stitch + the engine's COG writer",
+                         mp / _best(tg_runs), max(r["peak_rss_mib"] for r in tg_runs), None,
                          f"engine {speedup:.2f}x faster (median {speed_med:.2f}x; goal >= {GOAL_TORCHGEO}: "
                          f"{'met' if speedup >= GOAL_TORCHGEO else 'NOT met'})"])
+            rows.append(["  output step alone: torchgeo write / engine COG finish", None, None, None,
+                         f"{tg_write:.1f} s / {eng_finish:.1f} s (settings: {tg_runs[0]['output_settings']})"])
         if dp_eng:
             dmp = args.data_path_size**2 / 1e6
             dsp, dsp_med = _best(dp_tg) / _best(dp_eng), _median(dp_tg) / _median(dp_eng)
@@ -379,7 +440,8 @@ def main() -> None:
                          f"{'met' if dsp >= GOAL_TORCHGEO else 'NOT met'})"])
         print_table(rows, ["run", "MP/s (best)", "peak RSS MiB", "ratio", "goal"],
                     title=f"{args.size}^2 x 4 uint16, {args.arch} {args.amp}, window {args.window}, overlap "
-                          f"{args.overlap}, batch {args.batch}, {args.threads} threads, best of {args.repeats}")
+                          f"{args.overlap}, batch {args.batch}, {args.threads} threads, best of {args.repeats}; "
+                          f"allocator setting on every side: {not args.no_fair_allocator}")
         if args.json:
             write_json(args.json, res)
     finally:

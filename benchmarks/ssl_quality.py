@@ -47,7 +47,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import environment  # noqa: E402
+from _common import default_amp, environment  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 LANDSAT = DATA / "landsat/rstoolbox_LT05_224063_1988"
@@ -534,7 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--local-size", type=int, default=32)
     ap.add_argument("--tile", type=int, default=128, help="tile size of the store and probe window (px)")
     ap.add_argument("--lr", type=float, default=2e-3, help="peak LR before batch scaling (sqrt_wrt_1024)")
-    ap.add_argument("--precision", default="bf16-mixed", help="train.precision (bf16-mixed or 32-true)")
+    ap.add_argument("--precision", default="bf16-mixed" if default_amp() == "bf16" else "32-true",
+                    help="train.precision (bf16-mixed or 32-true; default: bf16-mixed only where the CPU runs "
+                         "bf16 natively)")
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--upsample", type=float, default=4.0, help="Landsat / S2 upsampling factor")

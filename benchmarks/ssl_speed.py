@@ -14,11 +14,13 @@
 
 Precisions: ``32-true`` (fp32), ``bf16-mixed`` (bf16 autocast) and ``bf16-params`` (the official recipe's bf16
 parameter copies of fp32 master weights, :mod:`dinov3geo.ssl.precision`); the floor runs under bf16 autocast for
-both bf16 modes. Goal: engine / floor <= 1.0.
+both bf16 modes. Goal: engine / floor <= 1.0, judged against the **fair floor**.
 
-The engine keeps freed memory in the process between steps (``train.keep_freed_memory``, glibc ``mallopt``);
-the bare loop does not. For transparency the floor also runs with the same allocator setting
-(``floor_kept``, column "floor, memory kept") and the engine's ratio to that is reported as well.
+The engine keeps freed memory in the process between steps (``train.keep_freed_memory``, glibc ``mallopt``),
+so the fair floor runs with the same allocator setting (``floor_kept``): that ratio is the headline and the
+goal. The floor without it (the plain bare loop, what a user would write) is reported for information only.
+The bf16 precisions run by default only where the CPU runs bf16 natively (AVX-512 BF16 / AMX; emulated bf16 is
+4-5x slower than fp32 on AVX2-only CPUs).
 Floor and engine run ``--repeats`` times each, interleaved, every run in a fresh process (no allocator or
 cache state carried from one to the other); the best median of each is used (other processes on a shared
 machine only ever add time) and the median over repeats is reported too.
@@ -38,7 +40,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import child_main, environment, print_table, run_child, write_json  # noqa: E402
+from _common import child_main, default_amp, environment, print_table, run_child, write_json  # noqa: E402
 
 NEON_RGB = ROOT.parent / "shared/data/aerial_rgb_chm/neon_bart_2019/2019_BART_5_320000_4881000_image_crop.tif"
 LOCAL_DATA = ROOT / "data"
@@ -203,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2, help="engine data.num_workers")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tile", type=int, default=256)
-    ap.add_argument("--precisions", nargs="+", default=["32-true", "bf16-mixed", "bf16-params"])
+    ap.add_argument("--precisions", nargs="+",
+                    default=["32-true", "bf16-mixed", "bf16-params"] if default_amp() == "bf16" else ["32-true"],
+                    help="default: the bf16 precisions only where the CPU runs bf16 natively")
     ap.add_argument("--profile", choices=["auto", "always", "never"], default="auto",
                     help="profile engine steps: when slower than the floor (auto), always or never")
     ap.add_argument("--workdir", default="/tmp/dinov3geo-ssl-speed")
@@ -238,20 +242,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{rep + 1}/{args.repeats}] engine {prec}: {ens[-1]['s_per_it']:.3f} s/it, data wait "
                   f"{ens[-1]['data_wait_s_mean']:.3f} s", flush=True)
         fl, fk, en = (min(runs, key=lambda x: x["s_per_it"]) for runs in (fls, fks, ens))
-        med = statistics.median(r["s_per_it"] for r in ens) / statistics.median(r["s_per_it"] for r in fls)
-        results[prec] = {"floor": fl, "floor_kept": fk, "engine": en, "ratio": en["s_per_it"] / fl["s_per_it"],
-                         "ratio_median_of_repeats": med, "ratio_to_floor_kept": en["s_per_it"] / fk["s_per_it"],
-                         "floor_runs": fls, "floor_kept_runs": fks, "engine_runs": ens}
-    rows = [[p, r["floor"]["s_per_it"], r["floor_kept"]["s_per_it"], r["engine"]["s_per_it"], r["ratio"],
-             r["ratio_median_of_repeats"], r["ratio_to_floor_kept"], r["engine"]["data_wait_s_mean"],
-             "yes" if r["ratio"] <= 1.0 else "no"] for p, r in results.items()]
-    print_table(rows, ["precision", "floor s/it", "floor, memory kept", "engine s/it", "engine / floor",
-                       "median of repeats", "engine / floor, memory kept", "data wait s/it (mean)", "goal <= 1.0"],
+        med = statistics.median(r["s_per_it"] for r in ens) / statistics.median(r["s_per_it"] for r in fks)
+        pairs = [e["s_per_it"] / f["s_per_it"] for e, f in zip(ens, fks, strict=True)]  # interleaved pairs
+        results[prec] = {"floor_plain": fl, "floor": fk, "engine": en, "ratio": en["s_per_it"] / fk["s_per_it"],
+                         "ratio_median_of_repeats": med, "ratio_pairs": pairs,
+                         "ratio_sd_pairs": statistics.stdev(pairs) if len(pairs) > 1 else None,
+                         "ratio_to_plain_floor": en["s_per_it"] / fl["s_per_it"],
+                         "floor_plain_runs": fls, "floor_runs": fks, "engine_runs": ens}
+    rows = [[p, r["floor"]["s_per_it"], r["engine"]["s_per_it"], r["ratio"], r["ratio_median_of_repeats"],
+             f"{min(r['ratio_pairs']):.3f}-{max(r['ratio_pairs']):.3f}"
+             + (f" (sd {r['ratio_sd_pairs']:.3f})" if r["ratio_sd_pairs"] is not None else ""),
+             r["floor_plain"]["s_per_it"], r["ratio_to_plain_floor"], r["engine"]["data_wait_s_mean"],
+             "met" if r["ratio"] <= 1.0 else "NOT met"] for p, r in results.items()]
+    print_table(rows, ["precision", "fair floor s/it (memory kept)", "engine s/it", "engine / fair floor",
+                       "median of repeats", "interleaved pairs (range, sd ddof=1)", "plain floor s/it (info)",
+                       "engine / plain floor (info)", "data wait s/it (mean)", "goal <= 1.0 (fair floor)"],
                 title=f"## SSL iteration speed (ViT-S/16, batch {args.batch}, 2x{args.global_size} + "
                       f"{args.local_number}x{args.local_size} crops, {args.prototypes} prototypes; medians of "
                       f"{args.iters} after {args.warmup} warm-up; best of {args.repeats} interleaved runs)")
     prof_txt = None
-    slow = [p for p, r in results.items() if r["ratio"] > 1.0]
+    slow = [p for p, r in results.items() if r["ratio"] > 1.0]  # against the fair floor
     if args.profile == "always" or (args.profile == "auto" and slow):
         prec = slow[-1] if slow else args.precisions[-1]
         prof_txt = profile_engine(args, store, work, prec)

@@ -14,12 +14,29 @@ Statistics samples are drawn at a fixed rate of the scene's pixels, so no task n
 A scene is committed to the store's ledger only after all its tiles are written; a run killed midway is
 undone (truncated) by the next run, which then redoes that scene. Scenes already in the ledger (same id,
 same files) are skipped, so re-running on the same store is cheap and never duplicates tiles.
+
+Hostile input and failures:
+
+* the run holds the store's output lock from before recovery to the end (a second ``ingest`` of the same
+  store is refused with a message naming the running one; it never undoes the live run's pending scene);
+* the store path is checked before any work (:func:`dinov3geo.utils.outputs.guard_output`): never an input,
+  a folder holding an input, a path inside an input folder, or an existing folder that is not a tile store;
+* a scene whose pixels cannot be read while it is chipped (a truncated or damaged file) is undone (its
+  partial tiles deleted, as recovery does), reported as skipped with the reason, and the run goes on;
+* a full disk stops the run with an :class:`~dinov3geo.io.errors.OutputError` naming the store; the scenes
+  committed before stay intact and a re-run after space is freed completes the store;
+* a store (and parent folders) created by a run that commits nothing is removed again; a folder that
+  existed before the run is never removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import shutil
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
@@ -28,17 +45,20 @@ from pathlib import Path
 from typing import Any
 
 import dask
+import dask.threaded
 import numpy as np
 import rasterio
 from rasterio.windows import Window
 
 from dinov3geo.ingest.stats import BandStats
 from dinov3geo.ingest.store import ChunkWriter, TileStore, TileStoreError
-from dinov3geo.io.errors import DinoGeoIOError, OutputError
+from dinov3geo.io.errors import DinoGeoIOError, OutputError, RasterReadError
 from dinov3geo.io.scene import GDAL_ENV, Scene
 from dinov3geo.io.sources import _S2_FILE, RASTER_SUFFIXES, open_scene
 from dinov3geo.io.windows import tile_windows
 from dinov3geo.utils.atomic import check_writable
+from dinov3geo.utils.locks import output_lock
+from dinov3geo.utils.outputs import guard_output
 from dinov3geo.utils.progress import progress_bar
 from dinov3geo.utils.runs import consecutive_runs
 
@@ -54,6 +74,7 @@ class IngestReport:
     already: list[str] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     recovered: str | None = None
+    removed: bool = False
     tiles_written: int = 0
     tiles_below_min_valid: int = 0
     bytes_written: int = 0
@@ -72,8 +93,81 @@ class IngestReport:
         ]
         if self.recovered:
             lines.append(f"  recovered from an interrupted run (scene {self.recovered} redone)")
+        if self.removed:
+            lines.append("  no scene could be ingested: the new store was not kept")
         lines += [f"  skipped {src}: {why}" for src, why in self.skipped]
         return "\n".join(lines)
+
+
+class SceneReadError(DinoGeoIOError):
+    """The pixels of a scene could not be read while it was chipped (a truncated or damaged file): the scene
+    is undone and skipped, the run goes on."""
+
+    def __init__(self, message: str, path: Any = None) -> None:
+        super().__init__(message, path)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable for dask.distributed workers
+        return (type(self), (str(self), self.path))
+
+
+def _read_error(scene: Scene, exc: BaseException) -> SceneReadError:
+    """A :class:`SceneReadError` naming the file that failed and GDAL's own reason."""
+    path = getattr(exc, "path", None) or (scene.paths[0] if scene.paths else scene.id)
+    msgs: list[str] = []
+    # a RasterReadError's own text repeats the path and a generic hint: GDAL's messages below it say more
+    e: BaseException | None = (exc.__cause__ or exc.__context__) if isinstance(exc, RasterReadError) else exc
+    for _ in range(10):
+        if e is None:
+            break
+        m = " ".join(str(e).split())
+        if m and "See previous exception" not in m and m not in msgs:
+            msgs.append(m)
+        e = e.__cause__ or e.__context__
+    if not msgs:
+        msgs = [" ".join(str(exc).split()) or type(exc).__name__]
+    detail = msgs[0] if len(msgs) == 1 else f"{msgs[0]} ({msgs[-1]})"
+    return SceneReadError(
+        f"cannot read the pixels of {str(path)!r}: {detail}. The file is truncated or damaged: check it with "
+        "`gdalinfo -checksum` and download or export it again; its partial tiles were removed", path)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) says the disk or the quota is full."""
+    e: BaseException | None = exc
+    for _ in range(10):
+        if e is None:
+            return False
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+#: test hook (used by the test suite to stop a run at a known point): after this process has written
+#: ``$DINOV3GEO_TEST_HOLD_AFTER_TILES`` tiles, the writing task creates ``$DINOV3GEO_TEST_HOLD_FILE`` and
+#: waits while that file exists, until the run is interrupted (Ctrl-C, a failed task), at most 5 minutes.
+HOLD_TILES_ENV = "DINOV3GEO_TEST_HOLD_AFTER_TILES"
+HOLD_FILE_ENV = "DINOV3GEO_TEST_HOLD_FILE"
+_hold_guard = threading.Lock()
+_hold_count = [0]
+_aborting = threading.Event()  # set while a failed or interrupted computation drains its running tasks
+
+
+def _test_hold(n_tiles: int) -> None:
+    """The test hook described at :data:`HOLD_TILES_ENV` (no effect unless both variables are set)."""
+    limit, flag = os.environ.get(HOLD_TILES_ENV), os.environ.get(HOLD_FILE_ENV)
+    if not limit or not flag:
+        return
+    with _hold_guard:
+        before = _hold_count[0]
+        _hold_count[0] += n_tiles
+        after = _hold_count[0]
+    if not before < int(limit) <= after:
+        return
+    Path(flag).write_text(f"{os.getpid()}\n")
+    deadline = time.monotonic() + 300
+    while os.path.exists(flag) and not _aborting.is_set() and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------------------------------------- discovery
@@ -172,8 +266,11 @@ def _block_ingest(
     import zarr
 
     r0, c0 = row_offs[0], cols[0]
-    with scene.reader() as r:
-        chip = r.read(Window(c0, r0, cols[-1] + tile - c0, row_offs[-1] + tile - r0))
+    try:
+        with scene.reader() as r:
+            chip = r.read(Window(c0, r0, cols[-1] + tile - c0, row_offs[-1] + tile - r0))
+    except (DinoGeoIOError, rasterio.errors.RasterioError, OSError) as e:
+        raise _read_error(scene, e) from e
     counts = chip.valid.reshape(len(row_offs), tile, len(cols), tile).sum(axis=(1, 3), dtype=np.int64)
     frac = counts / tile**2
     arrays = None
@@ -200,6 +297,7 @@ def _block_ingest(
                               quota=quota, strip=(chip.data[:, y], chip.valid[y], c0), arrays=arrays)
         stats.join(st)
         nbytes += nb
+    _test_hold(len(kept))
     return kept, stats, nbytes
 
 
@@ -250,7 +348,12 @@ def _strip_write(
 
 # ---------------------------------------------------------------------------------------------- scheduling
 def _compute(tasks: list[Any], client: Any, workers: int | None, desc: str, show: bool) -> list[Any]:
-    """Run delayed tasks on the threaded scheduler or a distributed client, with a progress bar."""
+    """Run delayed tasks on the threaded scheduler or a distributed client, with a progress bar.
+
+    Returns only once no task runs any more, also when one fails or the run is interrupted (the threads'
+    pool is drained, the cluster's futures are waited for or cancelled): the caller may then undo the
+    scene's partial tiles without a task still writing into the store.
+    """
     if not tasks:
         return []
     bar = progress_bar(total=len(tasks), desc=desc, disable=not show, unit="strip")
@@ -259,9 +362,15 @@ def _compute(tasks: list[Any], client: Any, workers: int | None, desc: str, show
             from distributed import as_completed
 
             futures = client.compute(tasks)
-            for _ in as_completed(futures):
-                bar.update(1)
+            try:
+                for _ in as_completed(futures):  # every task ends (done or failed) before a result raises
+                    bar.update(1)
+            except BaseException:
+                client.cancel(futures)
+                raise
             return [f.result() for f in futures]
+        from concurrent.futures import ThreadPoolExecutor
+
         from dask.callbacks import Callback
 
         keys = {t.key for t in tasks}
@@ -271,8 +380,18 @@ def _compute(tasks: list[Any], client: Any, workers: int | None, desc: str, show
                 if key in keys:
                     bar.update(1)
 
-        with _Tick():
-            return list(dask.compute(*tasks, scheduler="threads", num_workers=workers or os.cpu_count()))
+        executor = getattr(dask.threaded, "ContextAwareThreadPoolExecutor", ThreadPoolExecutor)
+        pool = executor(max_workers=workers or os.cpu_count() or 1)
+        try:
+            with _Tick():
+                return list(dask.compute(*tasks, scheduler="threads", pool=pool))
+        except BaseException:  # a failed task or Ctrl-C: let the running tasks end (queued ones are dropped)
+            _aborting.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            pool.shutdown(wait=True)
+            _aborting.clear()
     finally:
         bar.close()
 
@@ -326,17 +445,90 @@ def ingest(
         on_scene_done: called with the scene id after each committed scene (used by tests and pipelines).
 
     Returns:
-        An :class:`IngestReport`.
+        An :class:`IngestReport`. Sources that cannot be opened or read (a truncated file included), lack a
+        band, or clash with a scene in the store are skipped and listed in ``skipped``; a store created by
+        this call that ends up with no scene is removed (``removed``).
+
+    Raises:
+        OutputConflictError: ``store`` is an input, holds one, lies inside an input folder, or is an
+            existing folder that is not a tile store (checked before any work).
+        OutputLockedError: another process is writing ``store`` (the message names it).
+        OutputError: the store cannot be written, or the disk is full (the scenes committed before stay
+            intact; re-run to complete the store).
+        TileStoreError: the store holds tiles of another size.
     """
     t_start = time.perf_counter()
     store_path = Path(store).expanduser().absolute()
-    report = IngestReport(str(store_path))
     if not 0.0 <= min_valid <= 1.0:
         raise ValueError(f"min_valid must be within [0, 1], got {min_valid}")
     if tile_size < 16:
         raise ValueError(f"tile_size must be at least 16 pixels, got {tile_size}")
-    _check_store_writable(store_path)
+    sources = list(sources)
+    guard_output(store_path, sources, folder=True, kind="tile-store")
+    new_parents = _missing_parents(store_path)
+    try:
+        _check_store_writable(store_path)
+        with output_lock(store_path, what="ingest"):
+            # checked again now that no other run can change it
+            guard_output(store_path, sources, folder=True, kind="tile-store")
+            report = _ingest_locked(sources, store_path, tile_size=tile_size, bands=bands, res=res, crs=crs,
+                                    assume_crs=assume_crs, nodata=nodata, min_valid=min_valid,
+                                    resampling=resampling, scheduler=scheduler, workers=workers,
+                                    progress=progress, on_scene_done=on_scene_done)
+    finally:
+        for folder in reversed(new_parents):  # the folders this run made, when nothing was kept in them
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The ancestors of ``path`` that do not exist yet, outermost first."""
+    out: list[Path] = []
+    p = path.parent
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out[::-1]
+
+
+def _discard_new_store(path: Path, folder_existed: bool) -> None:
+    """Remove a store this run created and committed nothing to (keeping a folder that existed before)."""
+    if not folder_existed:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for child in list(path.iterdir()):
+        with contextlib.suppress(OSError):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+
+def _ingest_locked(
+    sources: list[str | os.PathLike],
+    store_path: Path,
+    *,
+    tile_size: int,
+    bands: Sequence[str | int] | None,
+    res: float | None,
+    crs: Any,
+    assume_crs: Any,
+    nodata: float | None,
+    min_valid: float,
+    resampling: str,
+    scheduler: Any,
+    workers: int | None,
+    progress: bool,
+    on_scene_done: Callable[[str], None] | None,
+) -> IngestReport:
+    """The body of :func:`ingest`, run while holding the store's lock."""
+    report = IngestReport(str(store_path))
+    TileStore.remove_stale_creations(store_path)
+    folder_existed = store_path.exists()
     ts: TileStore | None = None
+    created = False
     if (store_path / "zarr.json").exists():
         ts = TileStore.open(store_path, mode="r+")
         if ts.tile_size != tile_size:
@@ -350,25 +542,26 @@ def ingest(
             log.warning("store %s: undid interrupted scene %s; it will be redone", store_path, pending["id"])
     select = list(bands) if bands is not None else (ts.band_names if ts is not None else None)
     client, own_client = _client_for(scheduler)
+    current = ""
     try:
         for src in discover_sources(sources):
+            current = str(src)
             try:
                 scene = open_scene(src, bands=select, crs=assume_crs, nodata=nodata, target_crs=crs, res=res,
                                    resampling=resampling)
-                if ts is None:
-                    ts = TileStore.create(store_path, list(scene.band_names), tile_size, scene.dtype)
-                    if select is None:  # later scenes must provide the first scene's bands
-                        select = list(scene.band_names)
-                if not np.can_cast(np.dtype(scene.dtype), ts.dtype, casting="safe"):
+                if ts is not None and not np.can_cast(np.dtype(scene.dtype), ts.dtype, casting="safe"):
                     raise DinoGeoIOError(
                         f"{src}: pixel type {scene.dtype} does not fit the store's {ts.dtype}; ingest it into "
                         "a separate store", src)
             except (DinoGeoIOError, ValueError, OSError) as e:
-                log.warning("skipping %s: %s", src, e)
-                report.skipped.append((str(src), str(e)))
-                if ts is not None:
-                    ts.record_skip(str(src), str(e))
+                _skip(report, ts, src, e)
                 continue
+            current = f"scene {scene.id!r}"
+            if ts is None:
+                ts = TileStore.create(store_path, list(scene.band_names), tile_size, scene.dtype)
+                created = True
+                if select is None:  # later scenes must provide the first scene's bands
+                    select = list(scene.band_names)
             fp = _fingerprint(scene)
             rec = ts.scene_record(scene.id)
             if rec is not None:
@@ -376,18 +569,47 @@ def ingest(
                     report.already.append(scene.id)
                     continue
                 why = f"a different scene with id {scene.id!r} is already in the store (from {rec['sources']})"
-                report.skipped.append((str(src), why))
-                ts.record_skip(str(src), why)
+                _skip(report, ts, src, why)
                 continue
-            _ingest_scene(scene, ts, tile_size, min_valid, client, workers, progress, report, fp)
+            try:
+                _ingest_scene(scene, ts, tile_size, min_valid, client, workers, progress, report, fp)
+            except SceneReadError as e:  # every task has ended: undo the scene's partial tiles, go on
+                ts.recover()
+                _skip(report, ts, src, e)
+                continue
+            except OSError as e:
+                if _disk_full(e):
+                    with contextlib.suppress(Exception):  # give the partial scene's space back at once
+                        ts.recover()
+                raise
             report.ingested.append(scene.id)
             if on_scene_done is not None:
                 on_scene_done(scene.id)
+    except BaseException as e:
+        if created and not report.ingested:
+            _discard_new_store(store_path, folder_existed)
+        if isinstance(e, OSError) and not isinstance(e, OutputError) and _disk_full(e):
+            raise OutputError(
+                store_path, f"disk full (no space left on device) while writing {current}",
+                "The scenes ingested before are intact; free some space (or choose another disk), then re-run "
+                "the same command to complete the store.") from e
+        raise
     finally:
         if own_client:
             client.close()
-    report.seconds = time.perf_counter() - t_start
+    if created and not report.ingested:
+        _discard_new_store(store_path, folder_existed)
+        report.removed = True
     return report
+
+
+def _skip(report: IngestReport, ts: TileStore | None, src: Any, why: BaseException | str) -> None:
+    """Report ``src`` as skipped (log, report, the store's ledger of skipped sources)."""
+    text = " ".join(str(why).split())
+    log.warning("skipping %s: %s", src, text)
+    report.skipped.append((str(src), text))
+    if ts is not None:
+        ts.record_skip(str(src), text)
 
 
 def _check_store_writable(path: Path) -> None:

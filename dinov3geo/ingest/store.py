@@ -24,23 +24,40 @@ percentiles over valid pixels), and the ledger of ingested scenes. Scenes are co
 a scene's tiles count only once its ledger entry says ``complete``; a run killed midway leaves a
 ``pending`` entry that the next run truncates away before redoing that scene, so there are never duplicates
 and the store stays readable at every moment.
+
+One process at a time writes a store: every method that changes the store's layout or ledger
+(:meth:`TileStore.recover`, :meth:`~TileStore.begin_scene`, :meth:`~TileStore.move_tiles`, ...) runs under
+the store's output lock (:func:`dinov3geo.utils.locks.output_lock`, re-entrant: ``ingest`` holds it for the
+whole run), so a second writer is refused with a message naming the holder and can never undo the pending
+scene of a live run. A new store is built under a hidden temporary name and renamed into place, so a store
+folder is never seen half-created. A finished store is recognised as a dinov3geo folder by its ``zarr.json``
+attributes (:func:`dinov3geo.utils.outputs.folder_kind`); it carries no marker file, which Zarr would warn
+about ("not recognized as a component of a Zarr hierarchy") each time the store is opened with xarray. The
+temporary folder does carry the marker while it is built, so one left by a killed run is known as ours.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import secrets
+import shutil
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
 from dinov3geo.ingest.stats import PERCENTILES, BandStats
+from dinov3geo.utils.locks import output_lock
+from dinov3geo.utils.outputs import MARKER, OutputConflictError, mark_folder, remove_owned
 
 FORMAT = "dinov3geo.tilestore"
 VERSION = 1
@@ -156,8 +173,13 @@ class ChunkWriter:
             if "/" in key:  # stores with the "/" chunk-key separator: one folder per chunk
                 path.parent.mkdir(parents=True, exist_ok=True)
             buf = self._encoder.encode(chunk.reshape(-1).view(np.uint8))
-            with open(path, "wb") as f:
-                f.write(buf)
+            try:
+                with open(path, "wb") as f:
+                    f.write(buf)
+            except OSError:  # disk full, I/O error: no partial chunk file left behind
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
+                raise
 
 
 class ChunkReader:
@@ -207,6 +229,20 @@ class TileStoreError(ValueError):
     """A tile store is missing, of another format, or inconsistent with the requested ingestion."""
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """Run a :class:`TileStore` method under the store's output lock (re-entrant in the holding thread)."""
+
+    @functools.wraps(method)
+    def wrapper(self: TileStore, *args: Any, **kwargs: Any) -> Any:
+        with output_lock(self.path, what="ingest"):
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 @dataclass
 class TileStore:
     """Handle on a tile store (see module docstring). Open with :meth:`open` or :meth:`create`."""
@@ -228,9 +264,40 @@ class TileStore:
 
     @classmethod
     def create(cls, path: str | Path, band_names: list[str], tile_size: int, dtype: str) -> TileStore:
-        """Create an empty store."""
+        """Create an empty store at ``path`` (a missing path, or an empty folder).
+
+        The store is built under a hidden temporary name next to ``path`` and renamed into place once
+        complete, so ``path`` never holds a half-created store (a run killed meanwhile leaves only the hidden,
+        marked folder, which :meth:`remove_stale_creations` deletes).
+        """
         p = Path(path)
-        g = zarr.open_group(str(p), mode="w-")
+        tmp = p.with_name(f".{p.name}.creating-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+            mark_folder(tmp, "tile-store")
+            cls._build(tmp, band_names, tile_size, dtype)
+            (tmp / MARKER).unlink()  # known by its zarr.json from now on (see the module docstring)
+            os.rename(tmp, p)  # atomic; onto a missing path or an empty folder
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls.open(p, mode="r+")
+
+    @staticmethod
+    def remove_stale_creations(path: str | Path) -> list[Path]:
+        """Delete the hidden folders that :meth:`create` left next to ``path`` when killed mid-creation
+        (call only while holding the store's lock). Returns what was removed."""
+        p = Path(path)
+        removed = []
+        for cand in p.parent.glob(f".{p.name}.creating-*"):
+            with contextlib.suppress(OutputConflictError, OSError):
+                if remove_owned(cand, kinds=["tile-store"]):
+                    removed.append(cand)
+        return removed
+
+    @staticmethod
+    def _build(p: Path, band_names: list[str], tile_size: int, dtype: str) -> None:
+        g = zarr.open_group(str(p), mode="a")  # a fresh folder of ours (holding only the marker)
         t, nb = tile_size, len(band_names)
         # one chunk file per tile named ``c.<tile>.0.0.0`` in the array's folder: the default "/" separator
         # would make three folders per tile (c/<tile>/0/0/), which cost more to create than the chunk itself
@@ -263,7 +330,6 @@ class TileStore:
             "format": FORMAT, "version": VERSION, "band_names": list(band_names), "tile_size": tile_size,
             "dtype": str(np.dtype(dtype)), "scenes": [], "pending": None, "skipped": [], "stats": None,
         })
-        return cls(p, g)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -298,14 +364,18 @@ class TileStore:
         return next((s for s in self.scenes if s["id"] == scene_id), None)
 
     # ------------------------------------------------------------------ writing protocol
+    @_locked
     def recover(self) -> dict[str, Any] | None:
-        """Undo a scene left half-written by a killed run: truncate arrays to the committed tiles."""
+        """Undo a scene left half-written by a killed or failed run: truncate arrays to the committed tiles
+        (deleting the chunk files beyond them). Runs under the store's lock, so it never undoes the pending
+        scene of a live run in another process (:class:`~dinov3geo.utils.locks.OutputLockedError` instead)."""
         pending = self.group.attrs.get("pending")
         self._resize(self.n_tiles)
         if pending is not None:
             self.group.attrs["pending"] = None
         return pending
 
+    @_locked
     def begin_scene(self, scene_id: str, n_tiles: int) -> int:
         """Reserve ``n_tiles`` slots for a scene; returns the first slot index."""
         start = self.n_tiles
@@ -313,6 +383,7 @@ class TileStore:
         self._resize(start + n_tiles)
         return start
 
+    @_locked
     def move_tiles(self, src: int, dst: int, n: int) -> None:
         """Move tiles ``src..src+n-1`` (pixels and masks) to ``dst..dst+n-1`` (``dst <= src``) by renaming their
         chunk files (one chunk per tile): no decoding or re-encoding. Used to close the gaps that tiles below
@@ -336,6 +407,7 @@ class TileStore:
                     b.unlink()
                     _drop_empty_folders(b.parent, root / name)
 
+    @_locked
     def shrink_pending(self, n_tiles: int) -> None:
         """Give back the reserved slots of the pending scene beyond its first ``n_tiles``."""
         pending = dict(self.group.attrs["pending"])
@@ -343,12 +415,14 @@ class TileStore:
         self._resize(int(pending["tile_start"]) + int(n_tiles))
         self.group.attrs["pending"] = pending
 
+    @_locked
     def write_meta(self, start: int, meta: dict[str, np.ndarray]) -> None:
         """Write per-tile metadata arrays for slots ``start:start+len``."""
         n = len(meta["valid_fraction"])
         for k, v in meta.items():
             self.group[k][start : start + n] = v
 
+    @_locked
     def commit_scene(self, record: dict[str, Any], scene_stats: BandStats, rng: np.random.Generator) -> None:
         """Mark the pending scene complete and fold its statistics into the store's."""
         total = self._load_stats()
@@ -358,7 +432,9 @@ class TileStore:
         scenes.append(record)
         self.group.attrs.update({"scenes": scenes, "pending": None})
 
+    @_locked
     def record_skip(self, source: str, reason: str) -> None:
+        """Add a skipped source and why to the store's ``skipped`` attribute (the last 1000 are kept)."""
         skipped = list(self.group.attrs.get("skipped") or [])
         skipped.append({"source": source, "reason": reason})
         self.group.attrs["skipped"] = skipped[-1000:]

@@ -35,8 +35,9 @@ from dinov3geo.utils.atomic import check_writable
 from dinov3geo.utils.locks import output_lock
 from dinov3geo.utils.outputs import folder_kind, guard_output, mark_folder, remove_owned
 
-#: the dinov3geo folder kind of a features Zarr
+#: the dinov3geo folder kind of a features Zarr, and the ``format`` attribute that marks it
 FEATURES_KIND = "features"
+FEATURES_FORMAT = "dinov3geo.features"
 
 
 @dataclass
@@ -166,6 +167,7 @@ def _to_zarr(tif: Path, out: Path, names: Sequence[str], **attrs: Any) -> GridSp
     ds = xr.Dataset({"features": da.astype("float32")})
     ds["features"].attrs = {"long_name": "DINOv3 patch features", "nodata": "NaN"}
     ds.attrs.update({k: (str(v) if not isinstance(v, list | int | float) else v) for k, v in attrs.items()})
+    ds.attrs["format"] = FEATURES_FORMAT  # how dinov3geo knows the store as its own (utils.outputs.folder_kind)
     ds = ds.rio.write_crs(da.rio.crs).rio.write_transform(da.rio.transform())
     ds = ds.set_coords("spatial_ref")
     ds["features"].encoding.pop("grid_mapping", None)
@@ -178,7 +180,6 @@ def _to_zarr(tif: Path, out: Path, names: Sequence[str], **attrs: Any) -> GridSp
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
     try:
         ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
-        mark_folder(tmp, FEATURES_KIND)
         if out.exists():  # an earlier features output (guard_output let nothing else through): moved aside
             if out.is_dir() and folder_kind(out) is None:
                 mark_folder(out, FEATURES_KIND)  # empty folder: ours to replace

@@ -88,7 +88,10 @@ def describe_holder(holder: dict[str, Any] | None) -> str:
 
 
 def _holder_info(what: str) -> bytes:
-    argv = [os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    if prog == "__main__.py":  # python -m dinov3geo / python -m dinov3geo.cli
+        prog = "dinov3geo"
+    argv = [prog, *sys.argv[1:]]
     info = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
             "since": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             "command": shlex.join(argv)}

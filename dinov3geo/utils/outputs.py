@@ -11,7 +11,8 @@ tile stores, models, AOIs, label files). The guard refuses, naming both paths:
 * a file output where a folder exists, and a folder output where a file exists.
 
 Folders the toolkit creates carry a marker file, ``.dinov3geo.json`` (``{"kind": ..., "created": ...}``);
-tile stores are also recognised by their Zarr attributes. Only such folders are ever replaced or deleted
+its Zarr stores (tile stores, feature stores) are recognised by the ``format`` attribute of their root
+``zarr.json`` instead (:data:`ZARR_FORMATS`). Only such folders are ever replaced or deleted
 (:func:`remove_owned`); :func:`claim_output` combines the guard with the output's lock
 (:func:`dinov3geo.utils.locks.output_lock`) so two processes never write one output at once.
 
@@ -46,6 +47,9 @@ __all__ = [
 
 #: the marker file of folders created by dinov3geo
 MARKER = ".dinov3geo.json"
+#: Zarr stores written by dinov3geo are recognised by the ``format`` attribute of their root ``zarr.json`` (a
+#: marker file inside a Zarr store makes Zarr warn about an unknown object on every open)
+ZARR_FORMATS = {"dinov3geo.tilestore": "tile-store", "dinov3geo.features": "features"}
 #: kinds of dinov3geo folders that are written and replaced as a whole (nothing else may be written inside)
 WHOLE_KINDS = frozenset({"tile-store", "features", "inference-parts"})
 
@@ -124,8 +128,7 @@ def folder_kind(path: str | os.PathLike[str]) -> str | None:
             attrs = json.loads(zj.read_text()).get("attributes") or {}
         except (OSError, ValueError):
             return None
-        if attrs.get("format") == "dinov3geo.tilestore":
-            return "tile-store"
+        return ZARR_FORMATS.get(str(attrs.get("format")))
     return None
 
 

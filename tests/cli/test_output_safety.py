@@ -103,8 +103,9 @@ def test_features_replaces_only_its_own_earlier_output(scene, backbone_file, tmp
     out = tmp_path / "feats.zarr"
     args = ["-q", "features", str(img), "--weights", str(backbone_file), "--out", str(out), "--window", "192"]
     assert main(args) == 0
-    first = (out / ".dinov3geo.json").read_text()
-    assert '"features"' in first
+    from dinov3geo.utils.outputs import folder_kind
+
+    assert folder_kind(out) == "features" and not (out / ".dinov3geo.json").exists()  # known by its zarr.json
     assert main(args) == 0  # a re-run replaces the earlier output (ours, marked)
     assert (out / "zarr.json").is_file() and not list(tmp_path.glob(".feats.zarr.*"))
 

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dinov3geo-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install browser demo test lint bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,13 +21,29 @@ demo: install
 	$(VENV)/bin/dinov3geo run pipelines/demo.yaml --summary
 	@echo "report: outputs/demo/report.html (open it in a browser; links go to the COG/GeoPackage outputs)"
 
+## Headless Chromium for the report tests (Debian's package, installed when missing and we are root with apt;
+## otherwise those tests say why they skip).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      echo "installing Debian's chromium for the report tests"; \
+	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	      echo "warning: could not install chromium; the report tests will skip"; \
+	    else echo "note: chromium not found (apt-get install chromium); the report tests will skip"; fi; }
+
 ## Run the test suite (CI: .ci/run). Slow tests are excluded; run them with `make test PYTEST_ARGS="-m slow"`.
-test: install
+test: install browser
 	$(VENV)/bin/ruff check dinov3geo tests benchmarks
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check dinov3geo tests benchmarks
+
+## On a CUDA machine: the GPU readiness check (CUDA tests, region mapping, torchgeo way, SSL step, data path) in
+## under 8 minutes; prints a table and writes gpu_check.json (benchmarks/README.md). No install step, so it also
+## runs where nothing can be downloaded: `make gpu-check PY=python3` uses that interpreter instead of $(VENV).
+gpu-check:
+	$(PY) benchmarks/gpu_check.py --json gpu_check.json
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache .hypothesis

@@ -123,6 +123,44 @@ def environment() -> dict[str, Any]:
         info["gdal"] = rasterio.__gdal_version__
     except ImportError:
         pass
+    info["gpu"] = gpu_info()
+    return info
+
+
+def gpu_info() -> dict[str, Any]:
+    """The GPUs as torch and the driver see them: ``{"cuda_available", "torch", "torch_cuda", "cudnn", "devices":
+    [{"name", "memory_gib", "capability", "multiprocessors", "bf16"}], "driver", "nvidia_smi"}``.
+
+    Never raises: what cannot be read is None (no torch, no CUDA build, no ``nvidia-smi``)."""
+    info: dict[str, Any] = {"cuda_available": False, "torch": None, "torch_cuda": None, "cudnn": None,
+                            "devices": [], "driver": None, "nvidia_smi": None}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_cuda"] = torch.version.cuda
+        info["cuda_available"] = bool(torch.cuda.is_available())
+        if info["cuda_available"]:
+            info["cudnn"] = torch.backends.cudnn.version()
+            info["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32,
+                            "cudnn": torch.backends.cudnn.allow_tf32}
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                info["devices"].append({
+                    "index": i, "name": p.name, "memory_gib": round(p.total_memory / 2**30, 2),
+                    "capability": f"{p.major}.{p.minor}", "multiprocessors": p.multi_processor_count,
+                    "bf16": bool(torch.cuda.is_bf16_supported())})
+    except Exception as e:  # noqa: BLE001 - informational
+        info["error"] = f"{type(e).__name__}: {e}"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            rows = [r.strip() for r in out.stdout.splitlines() if r.strip()]
+            info["nvidia_smi"] = rows
+            info["driver"] = rows[0].rsplit(",", 1)[-1].strip() if rows else None
+    except (OSError, subprocess.SubprocessError):
+        pass
     return info
 
 

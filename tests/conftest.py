@@ -24,6 +24,25 @@ def _shared_data_dir() -> Path:
 SHARED_DATA = _shared_data_dir()
 
 
+#: set to 1 to run the ``cuda``-marked tests on the CPU (to check the tests themselves where there is no GPU)
+CUDA_TESTS_ON_CPU = "DINOV3GEO_CUDA_TESTS_ON_CPU"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the ``cuda``-marked tests when torch sees no CUDA GPU (unless ``DINOV3GEO_CUDA_TESTS_ON_CPU=1``)."""
+    marked = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not marked or os.environ.get(CUDA_TESTS_ON_CPU) == "1":
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    why = (f"needs a CUDA GPU: torch {torch.__version__} sees none (torch.cuda.is_available() is False); run them "
+           f"on a GPU machine (`make gpu-check`), or with {CUDA_TESTS_ON_CPU}=1 on the CPU")
+    for item in marked:
+        item.add_marker(pytest.mark.skip(reason=why))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Path of the shared real-data folder (``../shared/data``); skips the test when absent."""

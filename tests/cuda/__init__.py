@@ -1,0 +1,1 @@
+"""Tests of the GPU paths (marked ``cuda``; skipped without a CUDA GPU)."""

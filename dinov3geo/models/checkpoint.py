@@ -11,6 +11,11 @@ Accepted inputs of :func:`load_backbone` (a path or an in-memory dict):
   ``q_bias``/``v_bias``, ``fc1_g``/``fc1_x``/``fc2``. timm files have no ``periods``: they are recomputed in
   fp32 (timm's values), which differs from Meta's bf16-rounded released periods by about 1e-3 in outputs.
 * **dinov3geo's own checkpoint** written by :func:`save_backbone` (config + state dict + metadata).
+* **ConvNeXt weights** (:mod:`dinov3geo.models.convnext`): Meta's ``dinov3_convnext_*_pretrain_lvd1689m``
+  files (``downsample_layers.*``, ``stages.i.j.*``, ``norm.*``, ``norms.3.*``; ``norms.3`` may be absent and
+  then aliases ``norm``), the same inside a training checkpoint, timm's ``convnext_*`` layout (``stem.*``,
+  ``stages.i.blocks.j.*``, ``head.norm.*``), or dinov3geo's own format; the family and size (depths, dims,
+  ``in_chans``, layer scale) are inferred from the tensors.
 
 ``.safetensors`` files are read with ``safetensors``; everything else with
 ``torch.load(weights_only=True, map_location="cpu")``. A bad file raises :class:`CheckpointError` listing
@@ -33,11 +38,20 @@ import torch
 from torch import Tensor
 
 from dinov3geo.models.config import BackboneConfig
+from dinov3geo.models.convnext import (
+    STEM_WEIGHT_KEY,
+    ConvNeXt,
+    ConvNeXtConfig,
+    from_timm_convnext_state_dict,
+    infer_convnext_config,
+    is_convnext_state_dict,
+    is_timm_convnext_state_dict,
+)
 from dinov3geo.models.layers.ffn import FFN_LAYERS, ffn_hidden_features
 from dinov3geo.models.layers.rope import compute_periods
 from dinov3geo.models.metadata import BackboneMetadata
 from dinov3geo.models.multispectral import widen_patch_embed
-from dinov3geo.models.registry import arch_name, get_config
+from dinov3geo.models.registry import arch_name, config_from_dict, get_config
 from dinov3geo.models.vision_transformer import DinoVisionTransformer
 
 logger = logging.getLogger(__name__)
@@ -116,14 +130,79 @@ def read_checkpoint(source: str | os.PathLike[str] | Mapping[str, Any]) -> Any:
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path} could not be loaded with torch.load(weights_only=True); it holds objects other than tensors "
-            f"and primitive containers, or is not a torch file: {(str(e) or type(e).__name__).splitlines()[0]}"
-        ) from e
     except Exception as e:  # torch raises many types for foreign/corrupt files (IndexError, EOFError...)
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {first}") from e
+        raise CheckpointError(describe_load_error(path, e)) from e
+
+
+# ----------------------------------------------------------------------------- load-error texts
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+#: torch's text around a refused weights-only load: advice to load unsafely, links, "file an issue"
+_TORCH_ADVICE = re.compile(
+    r"Weights only load failed\.|This file can still be loaded[^.]*\.|[^.]*do those steps only if you trust[^.]*\.|"
+    r"\(\d\)|In PyTorch 2\.6[^.]*\.|Re-running `torch\.load`[^.]*\.|Do it only if you got the file[^.]*\.|"
+    r"Alternatively, to load with[^.]*\.|Please file an issue[^:]*:|Please use `torch\.serialization[^.]*\.|"
+    r"Check the documentation of torch\.load[^\n]*|WeightsUnpickler error:|"
+    r"[^.]*weights_only=False[^.]*\.|[^.]*`weights_only` set to `False`[^.]*\.",
+)
+#: what to do instead (never: load it with weights_only=False)
+SAFE_ADVICE = ("dinov3geo reads checkpoints weights-only (tensors, numbers, strings, lists, dicts) and never "
+               "unpickles other Python objects: save a weights-only copy with the program that wrote it "
+               "(torch.save(model.state_dict(), 'weights.pt')), or check that this is the right file")
+
+
+def _sniff(path: Path) -> str | None:
+    """What the first bytes of ``path`` say it is not (None: a zip archive or a pickle, as torch writes)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror or e})"
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK") or head[:1] == b"\x80":
+        return None
+    return (f"it is not a torch checkpoint (it starts with {head[:8]!r}, neither a zip archive nor a pickle); "
+            "check that this is the right file")
+
+
+def clean_load_message(text: str) -> str:
+    """``text`` (a message that may embed torch's weights-only load error) without terminal codes and without
+    torch's advice to re-run ``torch.load`` with ``weights_only=False``; our safe advice is added instead."""
+    text = _ANSI.sub("", text)
+    torch_text = ("Weights only load failed", "weights_only=False", "`weights_only` set to `False`")
+    if not any(t in text for t in torch_text):  # nothing of torch's (or already cleaned): as it is
+        return text
+    glob = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    head = text.split("Weights only load failed", 1)[0].rstrip(" :;,")
+    if glob:
+        why = f"it holds a pickled Python object ({glob.group(1)}) besides tensors"
+    elif operand:
+        why = f"it is a pickle that is not a weights file (unsupported pickle operation {operand.group(1)})"
+    else:
+        rest = " ".join(_TORCH_ADVICE.sub(" ", text.split("Weights only load failed", 1)[-1]).split())
+        why = rest or "it is not a weights-only torch file"
+    return f"{head}: {why}. {SAFE_ADVICE}" if head else f"{why}. {SAFE_ADVICE}"
+
+
+def describe_load_error(path: str | os.PathLike[str], exc: BaseException) -> str:
+    """One readable sentence on why ``torch.load(path, weights_only=True)`` failed, and what to do.
+
+    Never relays torch's advice to load the file with ``weights_only=False`` (that can run arbitrary code).
+    """
+    p = Path(path)
+    sniff = _sniff(p)
+    if sniff is not None:
+        return f"{p} could not be loaded: {sniff}"
+    text = _ANSI.sub("", str(exc))
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text or "Weights only" in text:
+        return clean_load_message(f"{p} could not be loaded with torch.load(weights_only=True): "
+                                  f"{text or type(exc).__name__}")
+    first = " ".join(text.split(". ")[0].split()) if text else ""
+    if "zip archive" in text or "central directory" in text or isinstance(exc, EOFError):
+        return (f"{p} could not be loaded: the file is damaged or incomplete ({first or type(exc).__name__}); "
+                "copy or download it again")
+    return f"{p} is not a readable torch checkpoint ({type(exc).__name__}: {first or 'no details'})"
 
 
 def _is_tensor_dict(obj: Any) -> bool:
@@ -176,9 +255,9 @@ def _extract(obj: Any, what: str) -> _Extracted:
         arch = obj.get("arch")
         config = None
         if isinstance(cfg_data, Mapping):
-            config = BackboneConfig.from_dict(dict(cfg_data))
+            config = config_from_dict(dict(cfg_data))
         elif isinstance(arch, Mapping):
-            config = BackboneConfig.from_dict(dict(arch))
+            config = config_from_dict(dict(arch))
         elif isinstance(arch, str):
             try:
                 config = get_config(arch)
@@ -374,8 +453,11 @@ def _solve_ffn(hidden: int, dim: int, swiglu: bool) -> tuple[str, float]:
     raise CheckpointError(f"cannot express a SwiGLU hidden width {hidden} for width {dim}")
 
 
-def infer_config(sd: Mapping[str, Tensor], head_dim: int | None = None) -> BackboneConfig:
+def infer_config(sd: Mapping[str, Tensor], head_dim: int | None = None) -> BackboneConfig | ConvNeXtConfig:
     """Infer the architecture of a Meta-layout state dict (see :func:`from_timm_state_dict` for timm files).
+
+    A ConvNeXt state dict (Meta's or timm's layout) gives a :class:`ConvNeXtConfig`
+    (:func:`~dinov3geo.models.convnext.infer_convnext_config`: depths, dims, ``in_chans``, layer scale).
 
     Width from ``cls_token``; depth from the block indices; head dim from ``rope_embed.periods`` (``Dh/4``
     entries; ``head_dim`` overrides, and without periods the released head dims 64 / 128 for width 4096
@@ -383,11 +465,15 @@ def infer_config(sd: Mapping[str, Tensor], head_dim: int | None = None) -> Backb
     patch size and ``in_chans`` from the keys and shapes. RoPE options and norm eps cannot be seen in the
     weights and take the released defaults (base 100, ``rescale_coords=2``, LayerNorm eps 1e-5).
     """
+    if is_convnext_state_dict(sd):
+        return infer_convnext_config(from_timm_convnext_state_dict(sd) if is_timm_convnext_state_dict(sd) else sd)
     required = ("cls_token", "patch_embed.proj.weight", "blocks.0.norm1.weight")
     missing = [k for k in required if k not in sd]
     if missing:
         raise CheckpointError(
-            "cannot infer the architecture: not a DINOv3 backbone state dict", missing=missing
+            "cannot infer the architecture: not a DINOv3 backbone state dict (neither a ViT: cls_token, "
+            "patch_embed.proj.weight, blocks.0.norm1.weight; nor a ConvNeXt: downsample_layers.0.0.weight)",
+            missing=missing,
         )
     dim = int(sd["cls_token"].shape[-1])
     depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
@@ -477,8 +563,13 @@ def load_backbone(
     metadata: BackboneMetadata | Mapping[str, Any] | None = None,
     device: torch.device | str = "cpu",
     **overrides: Any,
-) -> DinoVisionTransformer:
+) -> DinoVisionTransformer | ConvNeXt:
     """Load a DINOv3 backbone from a file or an in-memory state dict (Meta, Meta training, timm or dinov3geo).
+
+    ViT or ConvNeXt: the family is taken from ``arch`` / the saved config, else recognised from the keys
+    (a :class:`~dinov3geo.models.convnext.ConvNeXt` is returned for ConvNeXt weights; ``bands`` widen its
+    stem conv, ``**overrides`` are :class:`~dinov3geo.models.convnext.ConvNeXtConfig` fields such as
+    ``patch_size``).
 
     Args:
         source: path to a ``.pth``/``.pt``/``.safetensors`` file or a state dict / checkpoint dict.
@@ -508,15 +599,22 @@ def load_backbone(
     notes: list[str] = []
     sd = ext.state_dict
 
-    cfg: BackboneConfig | None
+    cfg: BackboneConfig | ConvNeXtConfig | None
     if arch is not None:
         cfg = get_config(arch)
     elif ext.config is not None:
         cfg = ext.config
     elif sidecar is not None and isinstance(sidecar.get("config"), Mapping):
-        cfg = BackboneConfig.from_dict(dict(sidecar["config"]))
+        cfg = config_from_dict(dict(sidecar["config"]))
     else:
         cfg = None
+
+    if isinstance(cfg, ConvNeXtConfig) or (cfg is None and is_convnext_state_dict(sd)):
+        return _load_convnext(
+            ext, sd, cfg, what=what, sidecar=sidecar, strict=strict, bands=bands, rgb_bands=rgb_bands,
+            widen_rescale=widen_rescale, metadata=metadata, device=device, overrides=overrides,
+            copy=path is None,
+        )
 
     if ext.kind == "timm":
         if cfg is not None:
@@ -534,7 +632,10 @@ def load_backbone(
         notes.append("RoPE periods recomputed in fp32 (timm files have none)")
 
     if cfg is None:
-        cfg = infer_config(sd)
+        try:
+            cfg = infer_config(sd)
+        except CheckpointError as e:
+            raise CheckpointError(f"{what}: {e}") from None
         notes.append("architecture inferred from the weights")
     elif "local_cls_norm.weight" in sd and not cfg.untie_global_and_local_cls_norm:
         cfg = cfg.replace(untie_global_and_local_cls_norm=True)
@@ -607,6 +708,124 @@ def load_backbone(
     model.arch_name = arch_name(cfg)
     model.metadata = meta_obj
     model.load_report = LoadReport(ext.kind, model.arch_name, cfg, missing, unexpected, notes)
+    for note in notes:
+        logger.info("%s: %s", what, note)
+    return model.eval()
+
+
+def _load_convnext(
+    ext: _Extracted,
+    sd: Mapping[str, Tensor],
+    cfg: ConvNeXtConfig | None,
+    *,
+    what: str,
+    sidecar: Mapping[str, Any] | None,
+    strict: bool,
+    bands: Sequence[str] | None,
+    rgb_bands: Sequence[str] | None,
+    widen_rescale: bool,
+    metadata: BackboneMetadata | Mapping[str, Any] | None,
+    device: torch.device | str,
+    overrides: Mapping[str, Any],
+    copy: bool,
+) -> ConvNeXt:
+    """:func:`load_backbone` for ConvNeXt weights (Meta's layout, timm's ``convnext_*`` layout, dinov3geo)."""
+    notes: list[str] = []
+    kind = ext.kind
+    if is_timm_convnext_state_dict(sd):
+        sd = from_timm_convnext_state_dict(sd)
+        kind = "timm"
+        notes.append("timm ConvNeXt key names converted to Meta's (norms.3 = norm)")
+    sd = dict(sd)
+    # Meta's ``norms[3]`` *is* ``norm``: its state dict lists the final LayerNorm under both names
+    for leaf in ("weight", "bias"):
+        a, b = sd.get(f"norm.{leaf}"), sd.get(f"norms.3.{leaf}")
+        if a is not None and b is None:
+            sd[f"norms.3.{leaf}"] = a
+        elif b is not None and a is None:
+            sd[f"norm.{leaf}"] = b
+        elif (
+            a is not None
+            and b is not None
+            and not (a.is_meta or b.is_meta)
+            and (a.shape != b.shape or not torch.equal(a, b))
+        ):
+            raise CheckpointError(
+                f"{what}: norm.{leaf} and norms.3.{leaf} differ, but in Meta's ConvNeXt they are one "
+                "tensor (the final LayerNorm); the file is damaged or was edited: use the original file"
+            )
+    if cfg is None:
+        try:
+            cfg = infer_convnext_config(sd)
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{what}: {str(e).splitlines()[0]}", missing=e.missing, unexpected=e.unexpected
+            ) from e
+        notes.append("architecture inferred from the weights")
+    if overrides:
+        cfg = cfg.replace(**overrides)
+
+    meta_obj: BackboneMetadata | None = ext.metadata
+    if meta_obj is None and sidecar is not None and isinstance(sidecar.get("metadata"), Mapping):
+        meta_obj = BackboneMetadata.from_dict(dict(sidecar["metadata"]))
+    if metadata is not None:
+        meta_obj = (
+            metadata if isinstance(metadata, BackboneMetadata) else BackboneMetadata.from_dict(dict(metadata))
+        )
+    weight = sd.get(STEM_WEIGHT_KEY)
+    if bands is not None and weight is not None:
+        bands = list(bands)
+        src_bands = (
+            list(rgb_bands)
+            if rgb_bands is not None
+            else (meta_obj.bands if meta_obj is not None and meta_obj.bands else ["red", "green", "blue"])
+        )
+        if [b.lower() for b in bands] != [b.lower() for b in src_bands]:
+            if weight.shape[1] != 3 or len(src_bands) != 3:
+                raise CheckpointError(
+                    f"cannot adapt a {weight.shape[1]}-band ConvNeXt stem ({src_bands}) to bands {bands}; "
+                    "widening starts from RGB weights"
+                )
+            sd = widen_patch_embed(sd, bands, rgb_bands=src_bands, rescale=widen_rescale)  # type: ignore[assignment]
+            notes.append(f"stem conv widened from {src_bands} to {bands} (rescale={widen_rescale})")
+            meta_obj = (
+                BackboneMetadata(bands=bands, gsd=meta_obj.gsd, provenance=dict(meta_obj.provenance))
+                if meta_obj is not None
+                else BackboneMetadata(bands=bands)
+            )
+        cfg = cfg.replace(in_chans=int(sd[STEM_WEIGHT_KEY].shape[1]))
+    if meta_obj is not None:
+        meta_obj.check_channels(cfg.in_chans)
+
+    shell = ConvNeXt(cfg, device="meta")
+    expected = shell.state_dict()
+    missing, unexpected, mismatched = _diff(expected, sd)
+    if mismatched or (strict and (missing or unexpected)):
+        raise CheckpointError(
+            f"{what} ({kind} format) does not fit the {arch_name(cfg) or 'configured'} ConvNeXt "
+            f"(depths={list(cfg.depths)}, dims={list(cfg.dims)}, in_chans={cfg.in_chans})",
+            missing=missing,
+            unexpected=unexpected,
+            mismatched=mismatched,
+        )
+    if not missing:
+        tensors = {}
+        for k, ref in expected.items():
+            v = sd[k].to(dtype=ref.dtype) if sd[k].is_floating_point() else sd[k]
+            tensors[k] = v.clone() if copy and v is sd[k] else v  # never alias a caller's dict
+        tensors["norms.3.weight"], tensors["norms.3.bias"] = tensors["norm.weight"], tensors["norm.bias"]
+        model = shell
+        model.load_state_dict(tensors, strict=True, assign=True)
+        model = model.to(device)
+    else:
+        model = ConvNeXt(cfg, device=device)
+        model.init_weights()
+        model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
+    if missing or unexpected:
+        logger.warning("loaded %s with strict=False:%s", what, _describe_keys(missing, unexpected, []))
+    model.arch_name = arch_name(cfg)
+    model.metadata = meta_obj
+    model.load_report = LoadReport(kind, model.arch_name, cfg, missing, unexpected, notes)  # type: ignore[arg-type]
     for note in notes:
         logger.info("%s: %s", what, note)
     return model.eval()
@@ -699,6 +918,8 @@ def export_meta(
 
 __all__ = [
     "CheckpointError",
+    "clean_load_message",
+    "describe_load_error",
     "LoadReport",
     "export_meta",
     "from_timm_state_dict",

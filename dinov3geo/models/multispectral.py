@@ -6,6 +6,11 @@ other band starts from the **mean of the three RGB kernels**. The FINO branch
 input whose bands are all equal produces the same embedding as before; that rescale is available with
 ``rescale=True`` and is **off by default** (then RGB bands keep producing exactly the original response).
 The conv bias is unchanged.
+
+The same applies to the DINOv3 ConvNeXt stem (``downsample_layers.0.0``, a 4x4 / stride-4 conv followed by a
+LayerNorm over its output channels): widening only its input channels leaves the stem's output, and hence
+every later layer, unchanged for RGB bands (extra bands at zero), so the rules above carry over. A ConvNeXt
+model exposes the stem conv as ``model.patch_embed.proj`` for this purpose.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch
 from torch import Tensor, nn
 
 PATCH_WEIGHT_KEY = "patch_embed.proj.weight"
+#: The ConvNeXt stem conv weight (``dinov3geo.models.convnext.STEM_WEIGHT_KEY``).
+CONVNEXT_STEM_KEY = "downsample_layers.0.0.weight"
 
 #: Aliases recognised for the RGB bands (case-insensitive). ``B02/B03/B04`` follow the Sentinel-2 naming;
 #: other sensors' numbered bands are ambiguous, so map them with ``band_map``.
@@ -88,8 +95,10 @@ def widen_patch_embed(
 ) -> dict[str, Tensor] | nn.Module:
     """Widen the patch embedding of a state dict (returns a new dict) or a model (modified in place).
 
-    For a model the ``patch_embed.proj`` conv is replaced, ``patch_embed.in_chans`` and
-    ``model.config.in_chans`` are updated. See :func:`widen_patch_weight` for the arguments.
+    For a model the ``patch_embed.proj`` conv is replaced (for a ConvNeXt: the stem conv
+    ``downsample_layers.0.0``), ``patch_embed.in_chans`` and ``model.config.in_chans`` are updated. A state
+    dict is widened at ``patch_embed.proj.weight`` (ViT) or ``downsample_layers.0.0.weight`` (ConvNeXt).
+    See :func:`widen_patch_weight` for the arguments.
     """
     if isinstance(state_dict_or_model, nn.Module):
         model = state_dict_or_model
@@ -115,9 +124,8 @@ def widen_patch_embed(
             model.config = model.config.replace(in_chans=len(target_bands))
         return model
     sd = dict(state_dict_or_model)
-    if PATCH_WEIGHT_KEY not in sd:
-        raise KeyError(f"state dict has no {PATCH_WEIGHT_KEY!r}")
-    sd[PATCH_WEIGHT_KEY] = widen_patch_weight(
-        sd[PATCH_WEIGHT_KEY], target_bands, rgb_bands, band_map, rescale
-    )
+    key = PATCH_WEIGHT_KEY if PATCH_WEIGHT_KEY in sd or CONVNEXT_STEM_KEY not in sd else CONVNEXT_STEM_KEY
+    if key not in sd:
+        raise KeyError(f"state dict has no {PATCH_WEIGHT_KEY!r} (ViT) or {CONVNEXT_STEM_KEY!r} (ConvNeXt)")
+    sd[key] = widen_patch_weight(sd[key], target_bands, rgb_bands, band_map, rescale)
     return sd

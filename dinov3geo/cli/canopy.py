@@ -7,12 +7,28 @@ setting its ``func``; add new actions (``train``, ``predict``) to :data:`ACTIONS
 from __future__ import annotations
 
 import argparse
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
+from dinov3geo.cli._types import (
+    UsageError,
+    check_output_parent,
+    check_window_memory,
+    integer,
+    multiple_of,
+    number,
+    number_list,
+    raster_size,
+)
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+#: canopy models take windows that are a multiple of the ViT patch size (they pad to their own multiple)
+WINDOW_MULTIPLE = 16
+#: the edge margin (px) a canopy model's windows get zero blend weight on (CanopyRasterModel's default)
+RECEPTIVE_MARGIN = 32
+#: the smallest window a canopy model runs with the default overlap:
+#: ``dinov3geo.inference.layout.min_window(1, RECEPTIVE_MARGIN, WINDOW_MULTIPLE)`` (a test keeps them equal)
+MIN_WINDOW = 80
 
 
 def _register_evaluate(actions: argparse._SubParsersAction) -> None:
@@ -28,17 +44,27 @@ def _register_evaluate(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--aoi", default=None, help="only pixels inside these polygons (GeoPackage, GeoJSON...)")
     p.add_argument("--split-mask", default=None, help="only pixels where this raster is non-zero")
-    p.add_argument("--band", type=int, default=1, help="1-based height band of --pred (default 1)")
-    p.add_argument("--truth-band", type=int, default=1, help="1-based height band of --truth (default 1)")
+    p.add_argument("--band", type=integer(1), default=1, help="1-based height band of --pred (default 1)")
+    p.add_argument("--truth-band", type=integer(1), default=1, help="1-based height band of --truth (default 1)")
     p.add_argument("--truth-crs", default=None, help="CRS to assume when --truth has none")
-    p.add_argument("--window", type=int, default=256, help="window (tile) size in pixels, one tile per block R²")
-    p.add_argument("--block", type=int, default=50, help="block size in pixels for the block R² (default 50)")
-    p.add_argument("--border", type=int, default=3, help="tile border dropped before the blocks (default 3)")
-    p.add_argument("--bins", type=_floats, default=None, help="height-bin edges, e.g. 0,2,5,10,15,20,30,60")
+    p.add_argument("--window", type=integer(1, 65536), default=256,
+                   help="window (tile) size in pixels, one tile per block R² (default 256)")
+    p.add_argument("--block", type=integer(1), default=50, help="block size in pixels for the block R² (default 50)")
+    p.add_argument("--border", type=integer(0), default=3, help="tile border dropped before the blocks (default 3)")
+    p.add_argument("--bins", type=number_list(0, increasing=True), default=None,
+                   help="height-bin edges in metres, increasing, e.g. 0,2,5,10,15,20,30,60")
     p.add_argument("--negative", choices=("clip", "invalid", "keep"), default="clip",
                    help="negative reference heights: clip to 0 (default), mark invalid, or keep")
     p.add_argument("--json", action="store_true", help="print the full metrics as JSON")
-    p.set_defaults(func=run_evaluate)
+    p.set_defaults(func=run_evaluate, _check=check_evaluate)
+
+
+def check_evaluate(args: argparse.Namespace) -> None:
+    """Options of ``canopy evaluate`` that must agree (before anything is read)."""
+    if 2 * args.border >= args.window:
+        raise UsageError(f"--border {args.border} leaves nothing of a --window {args.window} tile: use a border "
+                         f"below {(args.window + 1) // 2}")
+    check_output_parent("--out", args.out)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -77,16 +103,23 @@ def _register_summarise(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--aoi", required=True, help="polygons (GeoPackage, GeoJSON, Shapefile...)")
     p.add_argument("--out-gpkg", default=None, help="output GeoPackage")
     p.add_argument("--out-csv", default=None, help="output CSV (no geometry)")
-    p.add_argument("--band", type=int, default=1, help="1-based height band")
-    p.add_argument("--cover-threshold", type=float, default=5.0, help="canopy cover height in m (default 5)")
-    p.set_defaults(func=run_summarise)
+    p.add_argument("--band", type=integer(1), default=1, help="1-based height band")
+    p.add_argument("--cover-threshold", type=number(0), default=5.0, help="canopy cover height in m (default 5)")
+    p.set_defaults(func=run_summarise, _check=check_summarise)
+
+
+def check_summarise(args: argparse.Namespace) -> None:
+    """``canopy summarise`` needs an output; its folders must be creatable."""
+    if args.out_gpkg is None and args.out_csv is None:
+        raise UsageError("give --out-gpkg and/or --out-csv")
+    for opt, path in (("--out-gpkg", args.out_gpkg), ("--out-csv", args.out_csv)):
+        if path is not None:
+            check_output_parent(opt, path)
 
 
 def run_summarise(args: argparse.Namespace) -> int:
     from dinov3geo.tasks.canopy.summary import summarise_heights
 
-    if args.out_gpkg is None and args.out_csv is None:
-        raise ValueError("give --out-gpkg and/or --out-csv")
     gdf = summarise_heights(args.raster, args.aoi, args.out_gpkg, args.out_csv, band=args.band,
                             cover_threshold=args.cover_threshold)
     if not args.quiet:
@@ -142,27 +175,69 @@ def _register_predict(actions: argparse._SubParsersAction) -> None:
                    help="with --aoi: per-polygon summary (mean/p95 height, cover >= 5 m, area ha) -> .gpkg + .csv")
     p.add_argument("--out", required=True, help="output COG")
     p.add_argument("--bands", default=None, help="comma-separated input bands (default: the model's)")
-    p.add_argument("--window", type=int, default=512, help="window side in pixels (multiple of 32)")
-    p.add_argument("--overlap", type=int, default=None, help="window overlap in pixels (default a quarter window)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--assume-crs", default=None,
+                   help="CRS for images that have none, e.g. EPSG:31982 (refused otherwise)")
+    p.add_argument("--window", type=multiple_of(WINDOW_MULTIPLE, MIN_WINDOW), default=512,
+                   help=f"window side in pixels: a multiple of {WINDOW_MULTIPLE}, at least {MIN_WINDOW} (default 512)")
+    p.add_argument("--overlap", type=integer(0), default=None,
+                   help=f"window overlap in pixels, at least {2 * RECEPTIVE_MARGIN} (default: a quarter window, "
+                   f"at least {2 * RECEPTIVE_MARGIN + 2})")
+    p.add_argument("--batch-size", type=integer(1, 4096), default=4, help="windows per model call (default 4)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0...")
     p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or none")
     p.add_argument("--keep-resolution", action="store_true",
                    help="do not resample the image to the model's training GSD")
     p.add_argument("--no-resume", action="store_true", help="start afresh instead of continuing a killed run")
-    p.set_defaults(func=run_predict)
+    p.set_defaults(func=run_predict, _check=check_predict)
+
+
+def check_predict(args: argparse.Namespace) -> None:
+    """Options of ``canopy predict`` that must agree with each other and with the image (before any work)."""
+    if args.model is None and not (args.chmv2_backbone and args.chmv2_head):
+        raise UsageError("give --model, or both --chmv2-backbone and --chmv2-head")
+    if args.summary and not args.aoi:
+        raise UsageError("--summary needs --aoi (the polygons to summarise)")
+    if args.overlap is not None:
+        if args.overlap < 2 * RECEPTIVE_MARGIN:
+            raise UsageError(f"--overlap {args.overlap} is smaller than the canopy model's edge margins "
+                             f"({RECEPTIVE_MARGIN} px on each side): use --overlap {2 * RECEPTIVE_MARGIN} or more")
+        if args.overlap >= args.window:
+            need = args.overlap + WINDOW_MULTIPLE - args.overlap % WINDOW_MULTIPLE
+            raise UsageError(f"--overlap {args.overlap} must be smaller than --window {args.window}: use --window "
+                             f"{need} or more (a multiple of {WINDOW_MULTIPLE}), or a smaller --overlap")
+    check_output_parent("--out", args.out)
+    if args.summary:
+        check_output_parent("--summary", args.summary)
+    size = raster_size(args.image, args.assume_crs)
+    check_window_memory("--window", args.window, args.batch_size, size, out_bands=2, multiple=WINDOW_MULTIPLE,
+                        minimum=MIN_WINDOW)
+
+
+def _open_images(images: list[str], assume_crs: str) -> object:
+    """The images as scenes with ``assume_crs`` for files without a CRS (one scene, or a list: a mosaic)."""
+    from dinov3geo.io.sources import open_scene
+
+    scenes = [open_scene(i, crs=assume_crs) for i in images]
+    return scenes[0] if len(scenes) == 1 else scenes
 
 
 def run_predict(args: argparse.Namespace) -> int:
     from dinov3geo.tasks.canopy.predict import predict_canopy
 
     image = args.image[0] if len(args.image) == 1 else list(args.image)
+    extra = {}
+    if args.assume_crs:
+        params = inspect.signature(predict_canopy).parameters
+        if "assume_crs" in params and params["assume_crs"].kind is not inspect.Parameter.VAR_KEYWORD:
+            extra["assume_crs"] = args.assume_crs
+        else:  # an API without the parameter: hand it scenes opened with the CRS
+            image = _open_images(list(args.image), args.assume_crs)
     out = predict_canopy(
         args.model, image, args.out, aoi=args.aoi, summary=args.summary, chmv2_backbone=args.chmv2_backbone,
         chmv2_head=args.chmv2_head, bands=args.bands.split(",") if args.bands else None, window=args.window,
         overlap=args.overlap, batch_size=args.batch_size, device=args.device,
         amp=None if args.amp == "none" else args.amp, resample_to_model_gsd=not args.keep_resolution,
-        resume=not args.no_resume, progress=not args.quiet,
+        resume=not args.no_resume, progress=not args.quiet, **extra,
     )
     if not args.quiet:
         print(f"canopy height map: {out} (bands height, height_std; metres)")
@@ -191,6 +266,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     def _help(args: argparse.Namespace) -> int:
         p.print_help()
-        return 2
+        raise UsageError(f"choose an ACTION: {', '.join(actions.choices)}")
 
     p.set_defaults(func=_help)

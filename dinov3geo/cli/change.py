@@ -11,9 +11,23 @@ from __future__ import annotations
 
 import argparse
 
+from dinov3geo.cli._types import (
+    UsageError,
+    check_output_parent,
+    check_window_memory,
+    integer,
+    number,
+    number_list,
+    raster_size,
+)
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+#: the valid range ``(low, high, high included)`` of ``--threshold`` per method (score's range; low excluded)
+THRESHOLD_RANGE = {
+    "cva": (0.0, None, False),  # change-vector magnitude, >= 0, unbounded
+    "ndvi": (0.0, 2.0, True),  # NDVI decrease, in [0, 2]
+    "zeroshot": (0.0, 1.0, False),  # cosine distance (1 - cos) / 2, in [0, 1]
+    "head": (0.0, 1.0, False),  # probability
+}
 
 
 def _names(text: str) -> list[str]:
@@ -29,7 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     csub = p.add_subparsers(dest="change_command", metavar="ACTION")
     register_detect(csub)
     register_train(csub)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+
+    def _help(args: argparse.Namespace) -> int:
+        p.print_help()
+        raise UsageError(f"choose an ACTION: {', '.join(csub.choices)}")
+
+    p.set_defaults(func=_help)
 
 
 # ---------------------------------------------------------------------------------------------- detect
@@ -51,36 +70,63 @@ def register_detect(csub: argparse._SubParsersAction) -> None:
                    help="classic method: change-vector analysis or NDVI decrease (needs red+nir bands)")
     d.add_argument("--model", default=None, help="trained change model (method head)")
     d.add_argument("--backbone", default=None, help="backbone weights (method zeroshot)")
-    d.add_argument("--threshold", type=float, default=None, help="change-score threshold (default: Otsu)")
+    d.add_argument("--threshold", type=number(), default=None,
+                   help="change-score threshold (default: Otsu): > 0; classic cva: any positive score; classic "
+                   "ndvi: at most 2; zeroshot (cosine distance) and head (probability): below 1")
     d.add_argument("--canopy-before", default=None, help="canopy-height raster (m) of date 1")
     d.add_argument("--canopy-after", default=None, help="canopy-height raster (m) of date 2")
     d.add_argument("--forest-mask", default=None, help="forest mask of date 1 (non-zero = forest)")
-    d.add_argument("--min-height", type=float, default=5.0, help="forest height threshold (m)")
-    d.add_argument("--drop", type=float, default=5.0, help="canopy-height drop counted as loss (m)")
+    d.add_argument("--min-height", type=number(0), default=5.0, help="forest height threshold (m, >= 0)")
+    d.add_argument("--drop", type=number(0, lo_open=True), default=5.0,
+                   help="canopy-height drop counted as loss (m, > 0)")
     d.add_argument("--loss-evidence", choices=("auto", "height", "prob"), default="auto")
     d.add_argument("--combine", choices=("and", "or"), default="and",
                    help="how height drop and change probability combine when both are available")
-    d.add_argument("--mmu-ha", type=float, default=0.1, help="minimum mapping unit in hectares")
+    d.add_argument("--mmu-ha", type=number(0), default=0.1, help="minimum mapping unit in hectares (>= 0)")
     d.add_argument("--connectivity", type=int, choices=(4, 8), default=8)
     d.add_argument("--date-before", default=None, help="date of date 1 (YYYY-MM-DD), overrides metadata")
     d.add_argument("--date-after", default=None, help="date of date 2 (YYYY-MM-DD), overrides metadata")
     d.add_argument("--bands", type=_names, default=None, help="comma-separated bands used from both dates")
     d.add_argument("--band-names", type=_names, default=None,
                    help="names for the bands of multi-band files, e.g. swir16,nir,red,green")
-    d.add_argument("--nodata", type=float, default=None, help="input nodata override")
+    d.add_argument("--nodata", type=number(allow_nan=True), default=None, help="input nodata override (nan allowed)")
     d.add_argument("--assume-crs", default=None, help="CRS for inputs without one (e.g. EPSG:31982)")
     d.add_argument("--scl-before", default=None, help="Sentinel-2 SCL raster of date 1 (cloud mask)")
     d.add_argument("--scl-after", default=None, help="Sentinel-2 SCL raster of date 2 (cloud mask)")
     d.add_argument("--cloud-test", action="store_true", help="also mask bright white pixels (crude cloud test)")
-    d.add_argument("--value-scale", type=float, default=None, help="zeroshot: factor to [0, 1]")
-    d.add_argument("--mean", type=_floats, default=None, help="zeroshot: per-band mean")
-    d.add_argument("--std", type=_floats, default=None, help="zeroshot: per-band std")
+    d.add_argument("--value-scale", type=number(0, lo_open=True), default=None, help="zeroshot: factor to [0, 1]")
+    d.add_argument("--mean", type=number_list(), default=None, help="zeroshot: per-band mean")
+    d.add_argument("--std", type=number_list(0, lo_open=True), default=None, help="zeroshot: per-band std (> 0)")
     d.add_argument("--polygons", default="loss_polygons.gpkg",
                    help="polygons file name in --out (.gpkg, .parquet or .geojson)")
-    d.add_argument("--window", type=int, default=512)
-    d.add_argument("--batch-size", type=int, default=4)
+    d.add_argument("--window", type=integer(16), default=512,
+                   help="window side in pixels (default 512)")
+    d.add_argument("--batch-size", type=integer(1, 4096), default=4, help="windows per model call (default 4)")
     d.add_argument("--device", default="auto")
-    d.set_defaults(func=run_detect)
+    d.set_defaults(func=run_detect, _check=check_detect)
+
+
+def check_detect(args: argparse.Namespace) -> None:
+    """Options of ``change detect`` that must agree with each other and with the inputs (before any work)."""
+    key = args.classic if args.method == "classic" else args.method
+    if args.threshold is not None:
+        lo, hi, hi_in = THRESHOLD_RANGE[key]
+        if args.threshold <= lo or (hi is not None and (args.threshold > hi if hi_in else args.threshold >= hi)):
+            what = f"{args.method} ({key})" if args.method == "classic" else args.method
+            rng = f"> {lo:g}" + ("" if hi is None else f" and {'<=' if hi_in else '<'} {hi:g}")
+            raise UsageError(f"--threshold {args.threshold:g} is outside the score range of method {what}: it must "
+                             f"be {rng}; leave it out to use Otsu's threshold")
+    if args.method == "zeroshot" and not args.backbone:
+        raise UsageError("--method zeroshot needs --backbone (backbone weights: Meta .pth, timm, safetensors)")
+    if args.method == "head" and not args.model:
+        raise UsageError("--method head needs --model (a change model from `dinov3geo change train`)")
+    if args.mean is not None and args.std is not None and len(args.mean) != len(args.std):
+        raise UsageError(f"--mean has {len(args.mean)} values but --std has {len(args.std)}: give one per band")
+    check_output_parent("--out", args.out)
+    size = raster_size(args.before, args.assume_crs)
+    if size is not None:  # both dates are held for a window
+        size = (size[0], size[1], 2 * size[2], size[3])
+    check_window_memory("--window", args.window, args.batch_size, size, minimum=16)
 
 
 def run_detect(args: argparse.Namespace) -> int:
@@ -116,7 +162,46 @@ def run_detect(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- train
 def register_train(csub: argparse._SubParsersAction) -> None:
     """``dinov3geo change train CONFIG [--set KEY=VALUE] [--resume]``: train a change head on frozen features
-    (:func:`dinov3geo.tasks.change.train.train_change_head`; the parser lives next to it)."""
-    from dinov3geo.tasks.change.train import add_train_parser
-
+    (:func:`dinov3geo.tasks.change.train.train_change_head`, imported when the command runs)."""
     add_train_parser(csub)
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``train`` on the ``dinov3geo change`` sub-parsers (``sub`` = its ``add_subparsers()``)."""
+    p = sub.add_parser(
+        "train",
+        help="train a change head on frozen DINOv3 features from a YAML config",
+        description="Train the bi-temporal change head (frozen backbone, BCE + Dice, threshold chosen on "
+        "validation) from a YAML config: output, data.{train,val,val_fraction,bands}, "
+        "backbone.{weights,arch,layers,upscale,normalization,value_scale,include_in_checkpoint}, "
+        "head.{hidden,detail_channels}, train.{crop_size,crops,epochs,batch_size,lr,...}. Unknown keys are "
+        "errors. The checkpoint loads with dinov3geo.tasks.change.head.load_change_model.",
+    )
+    p.add_argument("config", help="YAML config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from <output>.state.pt if present")
+    p.set_defaults(func=run_train_cli)
+    return p
+
+
+def run_train_cli(args: argparse.Namespace) -> int:
+    """``dinov3geo change train CONFIG``: train, then print the checkpoint path, threshold and validation F1."""
+    from dinov3geo.tasks.change.head import read_change_checkpoint
+    from dinov3geo.tasks.change.train import train_change_head
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("train.resume=true")
+    if getattr(args, "quiet", False):
+        overrides.append("train.progress_bar=false")
+    path = train_change_head(args.config, overrides)
+    ck = read_change_checkpoint(path)
+    val = ck["train"].get("validation", {})
+    if not getattr(args, "quiet", False):
+        f1 = val.get("f1")
+        print(f"change head: {path}")
+        print(f"  threshold {ck['threshold']:.3f}; validation F1 {f1:.3f}" if isinstance(f1, float)
+              else f"  threshold {ck['threshold']:.3f}; {val.get('note', 'no validation metrics')}")
+    return 0
+

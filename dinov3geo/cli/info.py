@@ -7,9 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dinov3geo.ingest.store import TileStore
-from dinov3geo.io.sources import open_scene
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a scene or a tile store",
@@ -23,12 +20,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def describe(source: str, assume_crs: str | None = None) -> dict[str, Any]:
     """A JSON-friendly description of a scene or tile store."""
     if (Path(source) / "zarr.json").exists():
+        from dinov3geo.ingest.store import TileStore  # only here: importing it loads Zarr and dask (~1.5 s)
+
         ts = TileStore.open(source)
         return {
             "kind": "tile_store", "path": str(ts.path), "tiles": ts.n_tiles, "tile_size": ts.tile_size,
             "bands": ts.band_names, "dtype": str(ts.dtype), "scenes": [s["id"] for s in ts.scenes],
             "stats": {k: v for k, v in (ts.stats or {}).items() if k != "state"},
         }
+    from dinov3geo.io.sources import open_scene
+
     sc = open_scene(source, crs=assume_crs)
     return {
         "kind": "scene", "id": sc.id, "bands": [{"name": b.name, "aliases": list(b.aliases), "file": b.path,

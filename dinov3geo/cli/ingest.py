@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from dinov3geo.ingest import ingest
+from dinov3geo.cli._types import check_window_memory, integer, number, raster_size
 
 EXIT_STATUS = (
     "exit status: 0 when every source was ingested (or was already in the store); 1 when a source was "
@@ -35,25 +36,34 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "or folders to search")
     p.add_argument("--out", required=True, help="tile store path (e.g. tiles.zarr): a new path, an empty folder "
                    "or an existing tile store (appended to); never an input or a folder holding one")
-    p.add_argument("--tile", type=int, default=256, help="tile size in pixels (default 256)")
+    p.add_argument("--tile", type=integer(1), default=256, help="tile size in pixels (default 256)")
     p.add_argument("--bands", type=_bands, default=None,
                    help="comma-separated band names or aliases to keep, e.g. red,green,blue,nir")
-    p.add_argument("--res", type=float, default=None, help="target resolution in CRS units")
+    p.add_argument("--res", type=number(0, lo_open=True), default=None, help="target resolution in CRS units")
     p.add_argument("--crs", default=None, help="target CRS, e.g. EPSG:32633 (default: each scene's own)")
     p.add_argument("--assume-crs", default=None, help="CRS for files that have none (refused otherwise)")
-    p.add_argument("--nodata", type=float, default=None, help="nodata value overriding the files' own")
-    p.add_argument("--min-valid", type=float, default=0.5,
+    p.add_argument("--nodata", type=number(allow_nan=True), default=None, help="nodata value overriding the files' own")
+    p.add_argument("--min-valid", type=number(0, 1), default=0.5,
                    help="skip tiles with a smaller fraction of valid pixels (default 0.5)")
     p.add_argument("--resampling", default="bilinear", help="resampling for reprojection (default bilinear)")
     p.add_argument("--scheduler", default=None,
                    help="dask.distributed scheduler address (default: local threads)")
-    p.add_argument("--workers", type=int, default=None, help="threads for the local scheduler")
+    p.add_argument("--workers", type=integer(1, 1024), default=None, help="threads for the local scheduler")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, _check=check)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Before any work: a tile (times the tiles read at once) must fit in memory for each source file."""
+    for src in args.sources:
+        check_window_memory("--tile", args.tile, args.workers or os.cpu_count() or 1,
+                            raster_size(src, args.assume_crs), batch_option="--workers", multiple=1)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``dinov3geo ingest``; the exit status is described in :data:`EXIT_STATUS`."""
+    from dinov3geo.ingest import ingest
+
     rep = ingest(
         args.sources, args.out, tile_size=args.tile, bands=args.bands, res=args.res, crs=args.crs,
         assume_crs=args.assume_crs, nodata=args.nodata, min_valid=args.min_valid, resampling=args.resampling,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import sys
+
+from dinov3geo.cli._types import UsageError, size_wxh
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("html", help="report HTML file")
     r.add_argument("--screenshot", default=None, metavar="PNG", help="write a screenshot to this PNG")
-    r.add_argument("--size", default="1200x1800", help="screenshot size WIDTHxHEIGHT (default 1200x1800)")
+    r.add_argument("--size", type=size_wxh(16, 16384), default=(1200, 1800),
+                   help="screenshot size WIDTHxHEIGHT (default 1200x1800)")
     r.set_defaults(func=report)
 
 
@@ -59,8 +61,7 @@ def run(args: argparse.Namespace) -> int:
     if args.list_stages:
         return _list_stages()
     if not args.pipeline:
-        print("dinov3geo run: error: give a pipeline YAML (or --list-stages)", file=sys.stderr)
-        return 2
+        raise UsageError("give a pipeline YAML (or --list-stages)")
     force: list[str] | bool = False
     if args.force:
         force = True if "*" in args.force else list(args.force)
@@ -96,6 +97,9 @@ def report(args: argparse.Namespace) -> int:
     print(f"{args.html}: {chk.total - len(chk.failed)}/{chk.total} images loaded"
           + (f"; failed: {chk.failed}" if chk.failed else ""))
     if args.screenshot:
-        w, h = (int(x) for x in args.size.lower().split("x"))
+        w, h = args.size
         print(f"screenshot: {screenshot(args.html, args.screenshot, width=w, height=h)}")
-    return 0 if chk.ok else 1
+    if not chk.ok:
+        raise RuntimeError(f"{len(chk.failed)} of {chk.total} images of {args.html} did not load: "
+                           f"{', '.join(map(str, chk.failed[:5]))}{' ...' if len(chk.failed) > 5 else ''}")
+    return 0

@@ -34,7 +34,8 @@ from functools import cached_property
 import numpy as np
 from rasterio.windows import Window
 
-__all__ = ["Layout", "blend_weights_1d", "lattice_starts"]
+__all__ = ["Layout", "blend_weights_1d", "default_overlap", "lattice_starts", "min_window", "nearest_multiples",
+           "round_up"]
 
 Rect = tuple[int, int, int, int]  # (row0, row1, col0, col1), half-open
 
@@ -83,6 +84,46 @@ def blend_weights_1d(length: int, margin: int, ramp: int, taper_start: bool, tap
     return w
 
 
+def round_up(value: int, multiple: int) -> int:
+    """The smallest positive multiple of ``multiple`` that is ``>= value``."""
+    return max(multiple, -(-int(value) // multiple) * multiple)
+
+
+def nearest_multiples(value: int, multiple: int) -> str:
+    """``"128 or 144"``: the valid sizes around ``value`` (only the upper one when the lower is not positive),
+    for messages that refuse a size that is not a multiple."""
+    down, up = int(value) // multiple * multiple, round_up(value, multiple)
+    return f"{down} or {up}" if 0 < down < up else f"{up}"
+
+
+def default_overlap(window: int, scale: int, receptive_margin: int, context: bool = False) -> int:
+    """The overlap a run uses when none is given: a quarter window (half a window for ``context`` models), and
+    at least twice the receptive margin (in whole output pixels) plus a two-output-pixel ramp; a multiple of
+    ``scale``.
+
+    ``context``: the model's output depends on the whole window (a ViT's global attention), so neighbouring
+    windows disagree everywhere, not only near their borders; half-window overlap gives their blend a ramp of
+    ``window / 2 - 2 * margin`` pixels, wide enough to hide that disagreement (a quarter window left the
+    demo's canopy model, window 256 and margin 32, a 2 px ramp: a visible step at every window border).
+    """
+    margin_out = math.ceil(receptive_margin / scale)
+    want = max(window // (2 if context else 4), 2 * margin_out * scale + 2 * scale)
+    return math.ceil(want / scale) * scale
+
+
+def min_window(scale: int, receptive_margin: int, multiple: int = 1, overlap: int | None = None,
+               context: bool = False) -> int:
+    """The smallest window that works for a model: a multiple of both ``scale`` and ``multiple`` (the model's
+    own window constraint, e.g. 16 for a ViT) that is larger than its overlap (``overlap``, or the default
+    one, see :func:`default_overlap`). Messages advising a window size give this (or more), never a value
+    the model refuses."""
+    step = math.lcm(int(scale), int(multiple))
+    w = step
+    while w <= (default_overlap(w, scale, receptive_margin, context) if overlap is None else overlap):
+        w += step
+    return w
+
+
 @dataclass(frozen=True)
 class Layout:
     """Window lattice, blend weights, blocks and tiles of one run (see the module docstring).
@@ -110,7 +151,8 @@ class Layout:
         if self.scale < 1:
             raise ValueError(f"scale must be >= 1, got {self.scale}")
         if self.window <= 0 or self.window % self.scale:
-            raise ValueError(f"window {self.window} must be a positive multiple of the model scale {self.scale}")
+            raise ValueError(f"window {self.window} must be a positive multiple of the model scale {self.scale}: "
+                             f"use {nearest_multiples(self.window, self.scale)}")
         if self.overlap < 0 or self.overlap >= self.window or self.overlap % self.scale:
             raise ValueError(
                 f"overlap {self.overlap} must be in [0, window) and a multiple of the model scale {self.scale}"

@@ -7,14 +7,16 @@ pipeline runner, so every config in dinov3geo reports a bad key the same way.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "apply_overrides", "check_type", "from_dict", "set_dotted"]
+__all__ = ["ConfigError", "apply_overrides", "check_type", "from_dict", "load_yaml", "set_dotted", "yaml_error_text"]
 
 
 class ConfigError(ValueError):
@@ -88,6 +90,51 @@ def from_dict(cls: type, d: dict[str, Any] | None, prefix: str = "") -> Any:
         tp = hints[k]
         kwargs[k] = from_dict(tp, v, f"{prefix}{k}.") if _is_dataclass_type(tp) else check_type(v, tp, prefix + k)
     return cls(**kwargs)
+
+
+def yaml_error_text(err: yaml.YAMLError, where: str) -> str:
+    """One line for a YAML syntax error: ``where line L, column C: not valid YAML: problem (context started at
+    line L2, column C2)``.
+
+    PyYAML's own text spans several lines and names ``<unicode string>`` when parsing text; this names the
+    file and the 1-based line and column of the problem.
+    """
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    cmark = getattr(err, "context_mark", None)
+    text = f"{where}"
+    if mark is not None:
+        text += f" line {mark.line + 1}, column {mark.column + 1}"
+    text += f": not valid YAML: {problem}"
+    if context:
+        text += f" ({context}" + (f" started at line {cmark.line + 1}, column {cmark.column + 1}" if cmark else "") + ")"
+    return " ".join(text.split())
+
+
+def load_yaml(path: str | os.PathLike[str], what: str = "config") -> Any:
+    """Read a YAML file safely; every failure is a :class:`ConfigError` naming the file (and line).
+
+    Args:
+        path: the YAML file.
+        what: what the file is, for messages (``"canopy config"``, ``"pipeline"``...).
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {os.fspath(path)!r} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {os.fspath(path)!r} is a folder, not a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {os.fspath(path)!r} is not a text (UTF-8) file: byte {e.start} cannot be "
+                          "decoded") from None
+    except OSError as e:
+        raise ConfigError(f"{what} {os.fspath(path)!r} cannot be read: {e.strerror or e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(yaml_error_text(e, os.fspath(path))) from None
 
 
 def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:

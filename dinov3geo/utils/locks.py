@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _HELD: dict[str, list[int]] = {}  # lock path -> [fd, depth, owner thread id]
 _HELD_GUARD = threading.Lock()
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # flock unsupported here
 
 
 class OutputLockedError(OutputError):
@@ -118,8 +119,13 @@ def _try_lock(lock: Path, what: str) -> int | None:
         if not same:
             os.close(fd)
             continue
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, _holder_info(what), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _holder_info(what), 0)
+        except OSError as exc:  # a full disk: the lock holds without the holder's record
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                os.close(fd)
+                raise
         return fd
 
 
@@ -154,13 +160,30 @@ def output_lock(target: str | os.PathLike[str], what: str = "", wait: float = 0.
         return
     with contextlib.suppress(ValueError):
         wait = max(wait, float(os.environ.get("DINOV3GEO_LOCK_WAIT", "0") or 0))
+    created: list[Path] = []  # folders made for the lock file: removed again on release if still empty
+    anc = lock.parent
+    while not anc.exists():
+        created.append(anc)
+        anc = anc.parent
     lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield from _hold(lock, key, target, what, wait)
+    finally:
+        for d in created:  # deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def _hold(lock: Path, key: str, target: str | os.PathLike[str], what: str, wait: float) -> Iterator[Path]:
+    """Take the lock file (waiting up to ``wait`` s), yield, release."""
     deadline = time.monotonic() + wait
     fd: int | None
     while True:
         try:
             fd = _try_lock(lock, what)
         except OSError as exc:  # no flock on this filesystem (some network/FUSE mounts)
+            if exc.errno not in _NO_FLOCK:
+                raise
             log.warning("cannot lock %s (%s); writing %s without a lock", lock, exc.strerror or exc, target)
             fd = -1
         if fd is not None:

@@ -23,10 +23,12 @@ ignored.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from dinov3geo.io.errors import OutputError
 __all__ = [
     "MARKER",
     "OutputConflictError",
+    "check_can_create",
     "claim_output",
     "folder_kind",
     "guard_output",
@@ -43,6 +46,7 @@ __all__ = [
     "make_output_folder",
     "mark_folder",
     "remove_owned",
+    "writes_output_folder",
 ]
 
 #: the marker file of folders created by dinov3geo
@@ -241,13 +245,16 @@ def claim_output(
     kind: str | None = None,
     what: str = "",
     role: str = "output",
+    adopt: Iterable[str] = (),
+    replaces: bool = True,
 ) -> Iterator[Path]:
     """:func:`guard_output`, then hold the output's lock for the body (checked again once locked)."""
     from dinov3geo.utils.locks import output_lock
 
-    o = guard_output(out, inputs, folder=folder, kind=kind, role=role)
+    kw = {"folder": folder, "kind": kind, "role": role, "adopt": adopt, "replaces": replaces}
+    o = guard_output(out, inputs, **kw)  # type: ignore[arg-type]
     with output_lock(o, what=what or kind or "write"):
-        guard_output(out, inputs, folder=folder, kind=kind, role=role)
+        guard_output(out, inputs, **kw)  # type: ignore[arg-type]
         yield o
 
 
@@ -300,3 +307,57 @@ def remove_owned(path: str | os.PathLike[str], kinds: Iterable[str] | None = Non
                                   "delete it", "Move it away yourself if it should be replaced.")
     shutil.rmtree(p)
     return True
+
+
+def check_can_create(path: str | os.PathLike[str]) -> Path:
+    """Fail early, creating nothing, if ``path`` could not be created: its nearest existing ancestor must be a
+    writable folder. Returns ``path`` as an absolute path."""
+    p = Path(path).expanduser().absolute()
+    anc = p if p.exists() else p.parent
+    while not anc.exists():
+        anc = anc.parent
+    if not anc.is_dir():
+        raise OutputError(p, f"{str(anc)!r} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise OutputError(p, f"the folder {str(anc)!r} is not writable")
+    return p
+
+
+def writes_output_folder(
+    param: str,
+    *,
+    kind: str,
+    inputs: Callable[[dict[str, Any]], Iterable[Any]],
+    files: Iterable[str] = (),
+    what: str = "",
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for a task writing files into the folder named by its argument ``param``.
+
+    Before the task runs: :func:`guard_output` (``folder=True``, ``replaces=False``: files are added to the
+    folder) against ``inputs(arguments)`` (the bound arguments by name -> what the task reads), each of
+    ``files`` checked against them too, and :func:`check_can_create`; then the folder's lock is held for the
+    whole task. Nothing is created here: the task creates the folder (:func:`make_output_folder`) once its
+    inputs and models have loaded, so a task that fails early leaves no empty folder behind.
+    """
+    names = tuple(files)
+
+    def deco(func: Callable[..., Any]) -> Callable[..., Any]:
+        sig = inspect.signature(func)
+
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            from dinov3geo.utils.locks import output_lock
+
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            ins = list(inputs(dict(bound.arguments)))
+            out = guard_output(bound.arguments[param], ins, folder=True, kind=kind, replaces=False, role=param)
+            for n in names:
+                guard_output(out / n, ins, role=param)
+            check_can_create(out)
+            with output_lock(out, what=what or kind):
+                return func(*bound.args, **bound.kwargs)
+
+        return wrapper
+
+    return deco

@@ -173,3 +173,40 @@ def test_second_writer_of_one_output_is_refused_naming_the_first(make_raster, ca
     with rasterio.open(out) as ds:
         assert ds.count == 2 and np.isfinite(ds.read(1)).all()
     assert not lock_path(out).exists()
+
+
+@pytest.mark.parametrize("name", ["map", "map[1]*.tif"])
+def test_output_names_without_suffix_or_with_glob_characters(make_raster, canopy_model, tmp_path, name):
+    """The engine's clean-up of a killed run's temporary files once built a glob from the output name: an
+    output without a suffix made it ``Invalid pattern: '**'``; glob characters matched other files."""
+    img = make_raster(tmp_path / "img.tif", np.random.default_rng(2).integers(1, 255, (3, 64, 64), np.uint8),
+                      crs=UTM, transform=from_origin(X0, Y0, 0.5, 0.5))
+    neighbour = tmp_path / ".map.tmp-1-x.tif"  # looks like a stale temp of a dead process, but is not ours
+    neighbour.write_bytes(b"user file")
+    out = tmp_path / name
+    assert main(["-q", "canopy", "predict", "--image", str(img), "--model", str(canopy_model), "--window", "192",
+                 "--out", str(out)]) == 0
+    assert out.is_file() and neighbour.read_bytes() == b"user file"
+
+
+REPO_DATA = Path(__file__).resolve().parents[2] / "data" / "pucallpa"
+
+
+def test_change_detect_refuses_a_user_folder_and_a_failed_run_leaves_no_folder(tmp_path, capsys):
+    before, after = REPO_DATA / "pucallpa_2000.tif", REPO_DATA / "pucallpa_2020.tif"
+    user = tmp_path / "mydata"
+    user.mkdir()
+    (user / "change.tif").write_bytes(b"my own map")
+    snap = _tree(user)
+    _refused(capsys, ["-q", "change", "detect", "--before", str(before), "--after", str(after),
+                      "--out", str(user)], "did not create", str(user))
+    assert _tree(user) == snap
+    # an output folder that would hold an input is refused; a failing model leaves no empty folder behind
+    _refused(capsys, ["-q", "change", "detect", "--before", str(before), "--after", str(after),
+                      "--out", str(REPO_DATA)], "cannot write output")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    out = tmp_path / "new" / "change"
+    _refused(capsys, ["-q", "change", "detect", "--before", str(before), "--after", str(after), "--method",
+                      "head", "--model", str(bad), "--out", str(out)], "bad.pt")
+    assert not out.exists() and not (tmp_path / "new").exists()

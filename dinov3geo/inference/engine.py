@@ -27,6 +27,7 @@ accumulators until the run finishes (about ``(K + 1) * 4`` bytes per output pixe
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -50,7 +51,8 @@ from rasterio.windows import Window
 from dinov3geo.inference.layout import Layout, Rect, _intersect
 from dinov3geo.inference.models import RasterModel
 from dinov3geo.inference.sources import ArraySource, RasterSource, WindowReader, as_source
-from dinov3geo.io.cog import COGWriter
+from dinov3geo.io.cog import DISK_FULL_ERRNOS, COGWriter, disk_full_error, free_bytes
+from dinov3geo.io.errors import OutputError
 from dinov3geo.io.grid import GridSpec
 from dinov3geo.io.vector import aoi_geometry, aoi_mask
 from dinov3geo.utils.atomic import check_writable
@@ -79,11 +81,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def resolve_amp(amp: str | bool | None, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: ``"auto"`` is bf16 on CUDA and fp32 (None) on CPU; ``"bf16"``/``"fp16"`` force it."""
+    """Autocast dtype: ``"auto"`` is bf16 on a CUDA device that supports it (Ampere and later) and fp32 (None)
+    elsewhere (CPU: the same numbers on every machine; older GPUs: no emulated bf16, and fp16 could overflow);
+    ``"bf16"``/``"fp16"`` force it."""
     if amp in (None, False, "none", "fp32", "float32"):
         return None
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
     if amp in (True, "bf16", "bfloat16"):
         return torch.bfloat16
     if amp in ("fp16", "float16", "half"):
@@ -415,14 +419,44 @@ def _block_path(parts: Path, block: tuple[int, int]) -> Path:
     return parts / f"b_{block[0]}_{block[1]}.npy"
 
 
+def _output_of(parts: Path) -> Path:
+    """The output whose parts folder is ``parts`` (the inverse of :func:`parts_dir`)."""
+    return parts.with_name(parts.name.removesuffix(".parts"))
+
+
+def _parts_disk_full(parts: Path, exc: OSError, need: int | None = None) -> OutputError:
+    """The user's error for a write into the parts folder refused for lack of space."""
+    return disk_full_error(
+        _output_of(parts), parts, need=need, what="each block's results in the parts folder",
+        quota=exc.errno == errno.EDQUOT,
+        hint="Free some space there (or write the output to another disk), then re-run the same command: the "
+        "finished blocks are kept and an earlier file at the output path was left untouched.")
+
+
 def _save_block(parts: Path, acc: _Accumulator) -> str:
+    """Save a finished block's accumulators atomically (a temporary file renamed into place).
+
+    Raises:
+        OutputError: the disk is full (naming the output, the free space and the block's size); the temporary
+            file is removed.
+    """
     if acc.n == 0:
         return "empty"
     final = _block_path(parts, acc.block)
     tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}-{threading.get_ident()}.npy")
-    with open(tmp, "wb") as f:
-        np.save(f, acc.acc)
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, acc.acc)
+        os.replace(tmp, final)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        need = acc.acc.nbytes + 128
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError) and (
+                exc.errno in DISK_FULL_ERRNOS or (exc.errno is None and (free_bytes(parts) or 0) < need)):
+            # (numpy reports a short write as "N requested and M written", without an errno)
+            raise _parts_disk_full(parts, exc, need=need) from exc
+        raise
     return "ok"
 
 
@@ -496,8 +530,15 @@ class _Manifest:
         doc = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "fingerprint": self.fingerprint,
                "config": self.config, "done": self.done}
         tmp = self.path.with_name(f".manifest.tmp-{os.getpid()}.json")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(doc, indent=1))
+            os.replace(tmp, self.path)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+                raise _parts_disk_full(self.path.parent, exc) from exc
+            raise
 
 
 # ---------------------------------------------------------------------------------------------- tiles
@@ -886,8 +927,9 @@ def make_layout(
 ) -> Layout:
     """The :class:`~dinov3geo.inference.layout.Layout` :func:`predict_raster` uses for ``model`` on a grid.
 
-    ``overlap`` defaults to a quarter window, and at least twice the model's receptive margin plus a ramp of
-    two output pixels. ``blocksize`` is the COG tile size (default: 512, smaller for many
+    ``overlap`` defaults to a quarter window (half a window for a model with ``global_context = True``, e.g. a
+    ViT, whose output depends on the whole window), and at least twice the model's receptive margin plus a
+    ramp of two output pixels (:func:`~dinov3geo.inference.layout.default_overlap`). ``blocksize`` is the COG tile size (default: 512, smaller for many
     bands); blocks are at least large enough for tiles to align with it.
     """
     scale = int(model.scale)
@@ -897,11 +939,15 @@ def make_layout(
     if window % scale:
         raise ValueError(f"window {window} must be a multiple of the model scale {scale}")
     if overlap is None:
-        want = max(window // 4, 2 * margin_out * scale + 2 * scale)
-        overlap = math.ceil(want / scale) * scale
+        from dinov3geo.inference.layout import default_overlap, min_window
+
+        context = bool(getattr(model, "global_context", False))
+        overlap = default_overlap(window, scale, model.receptive_margin, context)
         if overlap >= window:
+            smallest = min_window(scale, model.receptive_margin, int(getattr(model, "window_multiple", scale)),
+                                  context=context)
             raise ValueError(f"window {window} is too small for the model's receptive margin of "
-                             f"{model.receptive_margin} px; use a window of at least {2 * overlap} px")
+                             f"{model.receptive_margin} px; use a window of at least {smallest} px")
     bs = blocksize or _cog_blocksize(model.out_bands, np.dtype(model.out_dtype))
     stride_out = (window - overlap) // scale
     if stride_out <= 0:
@@ -1029,8 +1075,19 @@ def predict_raster(
     out = guard_output(out_path, [source, *aoi_path, *protect], role="output")
     guard_output(parts_dir(out), [source, *aoi_path, *protect], folder=True, kind=PARTS_KIND,
                  role="parts folder")
-    with output_lock(out, what="predict"):
+    with _disk_full_errors(out), output_lock(out, what="predict"):
         return _predict_raster(model, source, out, **kw)
+
+
+@contextlib.contextmanager
+def _disk_full_errors(out: Path) -> Iterator[None]:
+    """Any other write of the run refused for lack of space (lock, markers) as the user's "disk full" error."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS or isinstance(exc, OutputError):
+            raise
+        raise disk_full_error(out, out.parent, quota=exc.errno == errno.EDQUOT) from exc
 
 
 def _predict_raster(model: RasterModel, source: Any, out_path: Path, *, window: int, overlap: int | None,

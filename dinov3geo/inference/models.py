@@ -43,6 +43,9 @@ class RasterModel(ABC):
         nodata: value written where the input is nodata or outside the AOI.
         scale: input pixels per output pixel (an integer >= 1).
         receptive_margin: edge margin in input pixels that gets zero blend weight.
+        global_context: the output at a pixel depends on the whole window (a ViT's global attention), not
+            only on its ``receptive_margin`` neighbourhood: the engine's default overlap is then half a window
+            (wide blend ramps) instead of a quarter (:func:`~dinov3geo.inference.layout.default_overlap`).
     """
 
     in_bands: int | None = None
@@ -52,6 +55,7 @@ class RasterModel(ABC):
     nodata: float | None = math.nan
     scale: int = 1
     receptive_margin: int = 0
+    global_context: bool = False
 
     def preprocess(self, x: Tensor, valid: Tensor) -> Tensor:
         """Normalise raw values (default: unchanged). ``x`` is ``float32`` on the model's device."""
@@ -80,13 +84,27 @@ class RasterModel(ABC):
         return names
 
     def fingerprint(self) -> str:
-        """A string identifying the model's configuration and weights (resume refuses a different model)."""
+        """A string identifying the model's configuration and weights (resume refuses a different model).
+
+        Hashing the weights is not free (a ViT-L CHMv2 model: 1.35 GB, seconds; on a GPU they are copied off
+        first), so the result is cached until a weight changes (checked through the tensors' version
+        counters and data pointers, which change with any in-place update or replacement)."""
+        tensors = self._state_tensors()
+        stamp = (self._fingerprint_config(), tuple((id(t), t.data_ptr(), t._version) for t in tensors))
+        cached = getattr(self, "_fingerprint_cache", None)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
         h = hashlib.sha1()
-        h.update(repr((type(self).__qualname__, self.in_bands, self.out_bands, tuple(self.names()),
-                       self.out_dtype, repr(self.nodata), self.scale, self.receptive_margin)).encode())
-        for t in self._state_tensors():
+        h.update(repr(stamp[0]).encode())
+        for t in tensors:
             h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        digest = h.hexdigest()
+        self._fingerprint_cache = (stamp, digest)
+        return digest
+
+    def _fingerprint_config(self) -> tuple[Any, ...]:
+        return (type(self).__qualname__, self.in_bands, self.out_bands, tuple(self.names()), self.out_dtype,
+                repr(self.nodata), self.scale, self.receptive_margin)
 
     def _state_tensors(self) -> list[Tensor]:
         return []
@@ -213,6 +231,8 @@ class BackboneFeatures(RasterModel):
     ) -> None:
         self.backbone = backbone
         self.head = head
+        # a ViT attends to the whole window (a ConvNeXt only to its receptive field, but a wide one)
+        self.global_context = True
         self.patch = int(getattr(backbone, "patch_size", 16))
         in_chans = getattr(getattr(backbone, "patch_embed", None), "in_chans", None)
         if in_chans is None:

@@ -13,6 +13,17 @@ How :class:`COGWriter` works
 3. On an exception (or :meth:`COGWriter.abort`) the staging and temporary files are removed; an existing file
    at the final path is left untouched.
 
+A full disk (while writing blocks, building overviews or converting) is reported as an
+:class:`~dinov3geo.io.errors.OutputError` that says so, with the free space and the uncompressed size of the
+raster (:func:`disk_full_error`); the staging file is removed at once, which gives the space back. GDAL does
+not always raise on a failed write: tiles flushed when a dataset is closed fail with only a logged error, and
+on a full tmpfs a 62 kB COG was once written as 24 kB with exit status 0 and no error at all, its header and
+tile index intact (``validate_cog`` accepted it). So the writer checks GDAL's last error after writes and
+closes, and when the disk is nearly full it reads the finished file back (:func:`_read_back`) before moving it
+into place. GDAL's libtiff also prints such failures (``_tiffWriteProc: No space left on device.``) straight to
+the process's stderr; that printing is switched off while a writer talks to GDAL (:func:`quiet_libtiff`), so the
+error reaches the user once, as one line.
+
 Why GDAL's COG driver rather than ``rio_cogeo.cog_translate``: both produce valid COGs of the same size (within
 100 bytes) from the same staging file, but measured on a 4000x4000x4 uint16 raster (2 cores), converting a staging
 file took 1.97-2.02 s with the COG driver vs 2.07-2.24 s with ``cog_translate(in_memory=False)``;
@@ -28,12 +39,15 @@ Unwritten parts of the grid read as ``nodata`` (or 0 when ``nodata`` is None).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import math
 import os
 import shutil
+import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +55,7 @@ import numpy as np
 import rasterio
 import rasterio.errors
 import rasterio.shutil
+from rasterio._err import CPLE_BaseError
 from rasterio.dtypes import check_dtype, in_dtype_range
 from rasterio.enums import Resampling
 from rasterio.windows import Window
@@ -49,7 +64,8 @@ from dinov3geo.io.errors import InvalidCOGError, OutputError
 from dinov3geo.io.grid import GridSpec
 from dinov3geo.utils.atomic import check_writable, remove_quietly, temp_sibling
 
-__all__ = ["COGWriter", "assert_valid_cog", "validate_cog", "write_cog"]
+__all__ = ["DISK_FULL_ERRNOS", "COGWriter", "assert_valid_cog", "disk_full_error", "free_bytes", "quiet_libtiff",
+           "validate_cog", "write_cog"]
 
 _RESAMPLINGS = {
     "nearest",
@@ -74,6 +90,147 @@ def _default_predictor(dtype: np.dtype, compress: str) -> int:
 
 def _is_nan(value: float | None) -> bool:
     return value is not None and isinstance(value, float) and math.isnan(value)
+
+
+# ---------------------------------------------------------------------- full disks
+#: errno values of a write refused for lack of space (a full disk, an exhausted quota)
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: below this much free space, a failed write is put down to a full disk
+_FULL_BELOW = 4 * 2**20
+
+
+def free_bytes(folder: str | os.PathLike[str]) -> int | None:
+    """Bytes an unprivileged process may still write on the filesystem of ``folder`` (None when unknown)."""
+    try:
+        return int(shutil.disk_usage(folder).free)
+    except OSError:
+        return None
+
+
+def _size(n: float) -> str:
+    for unit, f in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= f:
+            return f"{n / f:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def disk_full_error(path: str | os.PathLike[str], folder: str | os.PathLike[str], *, need: float | None = None,
+                    what: str = "it", upper: bool = False, hint: str = "", quota: bool = False) -> OutputError:
+    """The :class:`OutputError` of a write to ``path`` refused because the disk holding ``folder`` is full.
+
+    Args:
+        path: the output the user asked for (named in the message).
+        folder: where the failed write went (its free space is reported, as it is now).
+        need: bytes the write needed, when known.
+        what: what ``need`` is for (``"each block's results"``), for the message.
+        upper: ``need`` is an upper bound (e.g. a raster's size before compression).
+        hint: what to do (default: free space or write elsewhere, then re-run; earlier files are untouched).
+        quota: the disk quota ran out rather than the disk (``EDQUOT``).
+
+    Example message: ``cannot write output '/data/chm.tif': the disk is full (No space left on device): 12.0 kB
+    free in '/data', up to 2.8 MB needed for the 512 x 512 x 2 float32 COG before compression. Free some ...``
+    """
+    free = free_bytes(folder)
+    where = f"{os.fspath(folder)!r}"
+    reason = ("the disk quota is exhausted" if quota else "the disk is full") + \
+        f" ({os.strerror(errno.EDQUOT if quota else errno.ENOSPC)}): "
+    reason += f"{_size(free)} free in {where}" if free is not None else f"no space left in {where}"
+    if need is not None:
+        reason += f", {'up to ' if upper else ''}{_size(need)} needed for {what}"
+    return OutputError(path, reason, hint or "Free some space there (or write the output to another disk), then "
+                       "re-run the same command; an earlier file at that path was left untouched.")
+
+
+_LIBS: dict[str, list[Any]] = {}  # loaded native libraries by name prefix, found on first use
+
+
+def _loaded_libs(name: str) -> list[Any]:
+    """ctypes handles of the shared libraries ``name*`` loaded in this process (Linux; else empty).
+
+    rasterio's wheels bundle their own GDAL and libtiff, so the ones to talk to are those actually mapped.
+    """
+    if name not in _LIBS:
+        found: list[Any] = []
+        with contextlib.suppress(Exception):
+            with open("/proc/self/maps") as f:
+                paths = {line.split()[-1] for line in f if f"/{name}" in line}
+            for path in sorted(paths):
+                with contextlib.suppress(OSError):
+                    found.append(ctypes.CDLL(path))
+        _LIBS[name] = found
+    return _LIBS[name]
+
+
+def _libtiffs() -> list[Any]:
+    libs = []
+    for lib in _loaded_libs("libtiff"):
+        with contextlib.suppress(AttributeError):
+            lib.TIFFSetErrorHandler.restype = ctypes.c_void_p
+            lib.TIFFSetErrorHandler.argtypes = [ctypes.c_void_p]
+            libs.append(lib)
+    return libs
+
+
+class _QuietState:
+    """Who switched libtiff's error printer off (:func:`quiet_libtiff`): nesting depth and the saved handlers."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.saved: list[tuple[Any, int | None]] = []
+        self.lock = threading.Lock()
+
+
+_QUIET = _QuietState()
+
+
+class _GDALWriteFailed(OSError):
+    """GDAL signalled a failure (``CE_Failure``) that rasterio did not raise, e.g. a write when closing."""
+
+
+@contextlib.contextmanager
+def _gdal_failures() -> Iterator[None]:
+    """Raise :class:`_GDALWriteFailed` when GDAL signalled a failure in this thread during the body.
+
+    rasterio does not check the result of everything GDAL does: a tile flushed while a dataset is closed (the
+    usual moment on a full disk) fails with only a logged "TIFFAppendToStrip: Write error", and the file left
+    behind has a valid-looking header but missing or stale tiles (:func:`validate_cog` accepts it). GDAL keeps
+    the last error per thread (``CPLGetLastErrorType``), so it is reset before the body and read after it.
+    Where GDAL's library cannot be reached (not Linux), nothing is checked.
+    """
+    libs = _loaded_libs("libgdal")
+    gdal = libs[0] if libs else None
+    if gdal is not None:
+        gdal.CPLGetLastErrorType.restype = ctypes.c_int
+        gdal.CPLGetLastErrorMsg.restype = ctypes.c_char_p
+        gdal.CPLErrorReset()
+    yield
+    if gdal is not None and gdal.CPLGetLastErrorType() >= 3:  # CE_Failure, CE_Fatal
+        msg = (gdal.CPLGetLastErrorMsg() or b"").decode("utf-8", "replace")
+        gdal.CPLErrorReset()
+        raise _GDALWriteFailed(msg or "GDAL reported a failure")
+
+
+@contextlib.contextmanager
+def quiet_libtiff() -> Iterator[None]:
+    """Switch off libtiff's default error printer (to stderr) for the body; nested and thread-safe.
+
+    GDAL reports a failed write as an exception, but libtiff also prints each failed system call
+    (``_tiffWriteProc: No space left on device.``) straight to file descriptor 2, past Python and GDAL's error
+    handler. Where the loaded libtiff cannot be found (not Linux), nothing changes.
+    """
+    with _QUIET.lock:
+        if _QUIET.depth == 0:
+            _QUIET.saved = [(lib, lib.TIFFSetErrorHandler(None)) for lib in _libtiffs()]
+        _QUIET.depth += 1
+    try:
+        yield
+    finally:
+        with _QUIET.lock:
+            _QUIET.depth -= 1
+            if _QUIET.depth == 0:
+                for lib, handler in _QUIET.saved:
+                    lib.TIFFSetErrorHandler(handler)
+                _QUIET.saved = []
 
 
 class COGWriter:
@@ -304,10 +461,13 @@ class COGWriter:
         elif self._staging_codec() == "zstd":
             profile.update(compress="zstd", zstd_level=1)
         try:
-            with self._env():
+            with self._env(), quiet_libtiff():
                 self._ds = rasterio.open(self._stage, "w", **profile)
         except Exception as exc:
+            full = self._disk_full(exc)
             remove_quietly(self._stage)
+            if full:
+                raise self._disk_full_error(exc) from exc
             raise OutputError(
                 self.path, f"cannot create the staging file {str(self._stage)!r} ({exc})"
             ) from exc
@@ -316,6 +476,35 @@ class COGWriter:
             with self._env():
                 self._set_metadata(self._ds)
         return self
+
+    def _low_space(self) -> bool:
+        """Under max(4 MB, one tile) free on the output's filesystem: a write there may have failed."""
+        free = free_bytes(self.path.parent)
+        tile = self.blocksize * self.blocksize * self.count * self.dtype.itemsize
+        return free is not None and free < max(_FULL_BELOW, tile)
+
+    def _disk_full(self, exc: BaseException) -> bool:
+        """Whether the failed write ``exc`` came from a full disk (or an exhausted quota).
+
+        Called before the staging file is removed: its space is still in use. GDAL's exceptions do not carry
+        the system error, so a failure with under max(4 MB, one tile) free on the output's filesystem counts.
+        """
+        if not isinstance(exc, OSError | rasterio.errors.RasterioError | CPLE_BaseError) or isinstance(
+                exc, OutputError):
+            return False
+        if getattr(exc, "errno", None) in DISK_FULL_ERRNOS or "No space left on device" in str(exc):
+            return True
+        return self._low_space()
+
+    def _disk_full_error(self, exc: BaseException) -> OutputError:
+        """The user's error for a write refused for lack of space (built once the staging file is gone)."""
+        g = self.grid
+        raw = g.width * g.height * self.count * self.dtype.itemsize
+        if self.overview_factors():
+            raw = raw * 4 // 3
+        return disk_full_error(self.path, self.path.parent, need=raw, upper=True,
+                               quota=getattr(exc, "errno", None) == errno.EDQUOT,
+                               what=f"the {g.width} x {g.height} x {self.count} {self.dtype} COG before compression")
 
     def _set_metadata(self, ds: Any) -> None:
         if self.band_names:
@@ -365,8 +554,14 @@ class COGWriter:
         if self.whole_blocks:
             self._check_whole_blocks(win)
         arr = self._cast(arr)
-        with self._env():
-            self._ds.write(arr, window=win)
+        try:
+            with self._env(), quiet_libtiff(), _gdal_failures():
+                self._ds.write(arr, window=win)
+        except (OSError, rasterio.errors.RasterioError, CPLE_BaseError) as exc:
+            if not self._disk_full(exc):
+                raise
+            self.abort()  # gives the staging file's space back at once
+            raise self._disk_full_error(exc) from exc
         self.bytes_written += arr.nbytes
 
     def _check_window(self, window: Window, hw: tuple[int, ...]) -> Window:
@@ -426,7 +621,7 @@ class COGWriter:
         assert stage is not None
         tmp = temp_sibling(self.path)
         try:
-            with self._env():
+            with self._env(), quiet_libtiff():
                 ds = self._ds
                 if not self._direct:
                     self._set_metadata(ds)
@@ -434,25 +629,32 @@ class COGWriter:
                 if factors:
                     ovr = {"COMPRESS_OVERVIEW": "ZSTD", "ZSTD_LEVEL_OVERVIEW": "1"} \
                         if self._staging_codec() == "zstd" else {"COMPRESS_OVERVIEW": "NONE"}
-                    with rasterio.Env(GDAL_TIFF_OVR_BLOCKSIZE=str(self.blocksize), **ovr):
+                    with rasterio.Env(GDAL_TIFF_OVR_BLOCKSIZE=str(self.blocksize), **ovr), _gdal_failures():
                         ds.build_overviews(factors, _resampling_enum(self.overview_resampling))
-                ds.close()
                 self._ds = None
+                with _gdal_failures():  # the last tiles are written here, and rasterio does not check it
+                    ds.close()
                 if self._direct and not Path(f"{stage}.aux.xml").exists():
                     os.replace(stage, tmp)
                 else:  # (a direct file whose metadata did not fit its TIFF tags is converted as usual)
                     rasterio.shutil.copy(stage, tmp, driver="COG", **self._cog_options(bool(factors)))
+                if self._low_space():  # GDAL may have lost tiles without a word: read them all back
+                    _read_back(tmp)
             if self.validate:
                 ok, errors, warnings = validate_cog(tmp)
                 if not ok:
                     raise InvalidCOGError(self.path, errors, warnings)
             os.replace(tmp, self.path)
         except BaseException as exc:
+            full = self._disk_full(exc)  # before the clean-up gives the space back
             remove_quietly(tmp)
             for leftover in tmp.parent.glob(f"{tmp.name}*"):  # COG driver's <name>.ovr.tmp etc.
                 remove_quietly(leftover)
             self.abort()
-            if isinstance(exc, OSError | rasterio.errors.RasterioError) and not isinstance(exc, OutputError):
+            if full:
+                raise self._disk_full_error(exc) from exc
+            if isinstance(exc, OSError | rasterio.errors.RasterioError | CPLE_BaseError) and not isinstance(
+                    exc, OutputError):
                 raise OutputError(self.path, f"failed to build the COG ({exc})") from exc
             raise
         self._closed = True
@@ -491,6 +693,29 @@ class COGWriter:
         if self.level is not None:
             opts["LEVEL"] = int(self.level)
         return opts
+
+
+def _read_back(path: Path) -> None:
+    """Decode every tile of every level of ``path``; :class:`_GDALWriteFailed` names the first that fails.
+
+    On a nearly full disk GDAL can leave a GeoTIFF whose header and tile index are valid but whose tile data
+    never reached the disk, without reporting anything (seen on a full tmpfs: a 62 kB COG written as 24 kB, exit
+    status 0). Reading it all back is the check; it costs one decode of the file and runs only when the disk
+    is nearly full (:meth:`COGWriter._low_space`).
+    """
+    with rasterio.open(path) as ds:
+        levels: list[int | None] = [None, *range(len(ds.overviews(1)))]
+    for level in levels:
+        with rasterio.open(path, **({} if level is None else {"overview_level": level})) as ds:
+            bh, bw = ds.block_shapes[0]
+            for r in range(0, ds.height, bh):
+                for c in range(0, ds.width, bw):
+                    try:
+                        ds.read(window=Window(c, r, min(bw, ds.width - c), min(bh, ds.height - r)))
+                    except (rasterio.errors.RasterioError, CPLE_BaseError) as exc:
+                        where = "" if level is None else f" of overview level {level + 1}"
+                        raise _GDALWriteFailed(f"the tile at column {c}, row {r}{where} of the written file cannot "
+                                               f"be read back ({exc})") from exc
 
 
 def _resampling_enum(name: str) -> Resampling:

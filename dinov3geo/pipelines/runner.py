@@ -23,7 +23,17 @@ files up to 1 MiB, size + mtime_ns above, a (relative path, size, mtime_ns) dige
 stores), and its outputs' fingerprints. A stage is skipped when the hash matches and its outputs exist
 unchanged; otherwise it runs, and so does every later stage that reads one of its outputs (or names it in
 ``after``). A stage that fails is reported as ``stage 'X' (type Y) failed: <reason>``; it is not marked done,
-and the outputs of the stages before it are kept.
+and the outputs of the stages before it are kept. A stage that was interrupted (Ctrl-C, ``kill -9``) or failed
+is recorded as ``pending`` in the manifest: the next run re-runs it, afresh (``ctx.rebuild``) when the
+interrupted run was itself a rebuild or its parameters/inputs changed since, else resuming what it left.
+
+Safety (checked by :func:`check_pipeline` when the pipeline is loaded, before anything runs): no stage output
+may be, contain or lie inside one of its inputs, an input of an earlier stage, another stage's output, the
+outputs folder (which holds the manifest) or the pipeline file. The outputs folder itself is refused when it
+is an existing folder that dinov3geo did not create (unless it holds this pipeline's manifest, from a run
+before folders were marked); the runner marks it as ours (``.dinov3geo.json``, kind ``pipeline-outputs``) and
+holds its output lock (:func:`dinov3geo.utils.locks.output_lock`) for the whole run, so a second
+``dinov3geo run`` writing the same outputs folder is refused with the first one's pid, host and command.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from typing import Any
 import yaml
 
 from dinov3geo.pipelines.stages import PipelineError, StageContext, StageKind, get_stage
+from dinov3geo.utils.outputs import folder_kind, guard_output, input_paths, mark_folder
 
 #: top-level keys of a pipeline file
 TOP_KEYS = ("name", "description", "outputs", "vars", "stages")
@@ -52,6 +63,8 @@ STAGE_KEYS = ("name", "type", "after", "description")
 #: files up to this size are fingerprinted by content, larger ones by (size, mtime_ns)
 SMALL_FILE = 1 << 20
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_.]*)\}")
+#: the dinov3geo folder kind of a pipeline's outputs folder
+OUTPUTS_KIND = "pipeline-outputs"
 
 
 class StageFailed(RuntimeError):
@@ -82,6 +95,10 @@ class StageSpec:
 
     def outputs(self) -> list[str]:
         return self.kind.output_paths(self.params)
+
+    def folders(self) -> list[str]:
+        """The folders the stage writes files into (not replaced as a whole)."""
+        return self.kind.folder_paths(self.params)
 
 
 @dataclass
@@ -207,12 +224,20 @@ def load_pipeline(source: str | os.PathLike[str] | Mapping[str, Any], overrides:
         raw = copy.deepcopy(dict(source))
     else:
         path = Path(source)
+        if path.is_dir():
+            raise PipelineError(f"pipeline file {str(path)!r} is a folder; give a pipeline YAML file "
+                                "(e.g. pipelines/demo.yaml)")
         if not path.is_file():
             raise PipelineError(f"pipeline file {str(path)!r} not found")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise PipelineError(f"{path}: not valid YAML: {e}") from e
+            raise PipelineError(_yaml_error(path, e)) from None
+        except UnicodeDecodeError as e:
+            raise PipelineError(f"{path}: not a text (UTF-8) file: byte {e.start} cannot be decoded; give a "
+                                "pipeline YAML file") from None
+        except OSError as e:
+            raise PipelineError(f"pipeline file {str(path)!r} cannot be read: {e.strerror or e}") from None
     where = str(path) if path else "<pipeline>"
     if not isinstance(raw, dict):
         raise PipelineError(f"{where}: a pipeline is a mapping with keys {list(TOP_KEYS)}")
@@ -276,7 +301,141 @@ def load_pipeline(source: str | os.PathLike[str] | Mapping[str, Any], overrides:
             except (ValueError, KeyError, TypeError) as e:
                 raise PipelineError(f"{swhere}: {e}") from e
         stages.append(StageSpec(sname, kind.type, params, after, str(st.get("description") or "")))
-    return Pipeline(name, path, Path(str(base["outputs"])), stages, str(raw.get("description") or ""), variables)
+    pipe = Pipeline(name, path, Path(str(base["outputs"])), stages, str(raw.get("description") or ""), variables)
+    check_pipeline(pipe)
+    return pipe
+
+
+def _yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    """One line naming the file, the line and column, and what the parser expected."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+    parts = [str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x]
+    what = "; ".join(parts) if parts else " ".join(str(e).split())
+    return f"{where}: not valid YAML: {what}. Fix the file there (indentation, quotes, ':' after keys)"
+
+
+# ------------------------------------------------------------------------------------------ path safety
+@dataclass(frozen=True)
+class _PathRef:
+    """A path of a stage (or of the pipeline itself) for the conflict check."""
+
+    real: Path  #: absolute, symbolic links resolved
+    shown: str  #: as the pipeline wrote it
+    stage: int  #: index of the stage; -1 for the pipeline's own paths
+    label: str  #: ``parameter 'out'``, ``key 'outputs'``...
+
+
+def _refs(spec: StageSpec, index: int, paths: Sequence[str], names: Any = ()) -> list[_PathRef]:
+    """``paths`` of ``spec`` as :class:`_PathRef` (remote paths dropped), labelled with the parameter holding
+    them (looked up in ``names`` first, the kind's parameter names for that role)."""
+    order = [*(names if isinstance(names, tuple) else ()), *spec.params]
+
+    def param_of(p: str) -> str:
+        for k in order:
+            v = spec.params.get(k)
+            vals = v if isinstance(v, list | tuple) else [v]
+            if any(isinstance(x, str | os.PathLike) and str(x) == p for x in vals):
+                return f"parameter {k!r}"
+        return "derived from its parameters"
+
+    out = []
+    for p in paths:
+        local = input_paths(p)  # drops remote paths (/vsicurl/, s3://, https://)
+        if local:
+            out.append(_PathRef(Path(os.path.realpath(local[0].absolute())), str(p), index, param_of(str(p))))
+    return out
+
+
+def _relation(a: Path, b: Path) -> str:
+    """How the real path ``a`` relates to ``b``: "same" (also a hard link), "contains", "inside" or ""."""
+    if a == b:
+        return "same"
+    if a in b.parents:
+        return "contains"
+    if b in a.parents:
+        return "inside"
+    try:
+        if a.is_file() and b.is_file() and os.path.samefile(a, b):
+            return "same"
+    except OSError:
+        pass
+    return ""
+
+
+def check_pipeline(pipe: Pipeline) -> None:
+    """Refuse, before anything runs, a pipeline whose stages would destroy what they read or each other's work.
+
+    Each stage's outputs (replaced as a whole: files, Zarr stores) and folders (written into: training runs,
+    evaluation folders) are checked against its own inputs, the inputs of the stages before it, the other
+    stages' outputs and folders, the outputs folder (which holds the manifest) and the pipeline file. An
+    output may not be, contain or lie inside an input (inputs inside a stage's folder are fine; so is reading
+    the outputs of earlier stages), nor overlap another stage's output; a folder may not be an input, lie
+    inside an input folder or be another stage's folder; neither may be or contain the outputs folder.
+
+    Raises:
+        PipelineError: one line naming the pipeline file, the stage, the parameter, both paths and what to do.
+    """
+    where = pipe._where()
+    outputs_real = Path(os.path.realpath(pipe.outputs.expanduser().absolute()))
+    manifest_real = outputs_real / pipe.manifest_path.name
+    own = [_PathRef(Path(os.path.realpath(pipe.path.absolute())), str(pipe.path), -1, "the pipeline file")] \
+        if pipe.path is not None else []
+    outs = [_refs(s, i, s.outputs(), s.kind.outputs) for i, s in enumerate(pipe.stages)]
+    dirs = [_refs(s, i, s.folders(), s.kind.folders) for i, s in enumerate(pipe.stages)]
+    ins = [_refs(s, i, s.inputs(), s.kind.inputs) for i, s in enumerate(pipe.stages)]
+    folder_set = {r.real for d in dirs for r in d} | {outputs_real}
+
+    def refuse(o: _PathRef, is_out: bool, text: str, hint: str) -> PipelineError:
+        s = pipe.stages[o.stage]
+        what = "output" if is_out else "folder"
+        return PipelineError(f"{where}: stage {s.name!r} (type {s.type}): {what} {o.shown!r} ({o.label}) {text}. "
+                             f"{hint}; nothing was run")
+
+    def mine(i: int) -> list[tuple[_PathRef, bool]]:
+        return [(d, False) for d in dirs[i]] + [(o, True) for o in outs[i]]  # a folder before the files in it
+
+    for i in range(len(pipe.stages)):
+        for o, is_out in mine(i):
+            # the outputs folder (it holds the manifest and every stage's outputs) and the pipeline file
+            rel = _relation(o.real, outputs_real)
+            if rel in ("same", "contains"):
+                text = "is the pipeline's outputs folder" if rel == "same" else "contains the pipeline's outputs folder"
+                raise refuse(o, is_out, f"{text} {str(pipe.outputs)!r} (key 'outputs'), which holds the manifest "
+                             f"{pipe.manifest_path.name} and the other stages' outputs",
+                             "Give the stage its own path inside the outputs folder (e.g. ${outputs}/<name>)")
+            if o.real == manifest_real:
+                raise refuse(o, is_out, "is the pipeline's manifest", "Give the stage another output path")
+            for y in own:
+                rel = _relation(o.real, y.real)
+                if rel == "same" or (rel == "contains" and is_out):
+                    raise refuse(o, is_out, f"{'is' if rel == 'same' else 'contains'} {y.label} {y.shown!r}",
+                                 "Write outside the pipeline file's path")
+            # its own inputs and those of the stages before it
+            for j in range(i, -1, -1):
+                for p in ins[j]:
+                    if p.real == outputs_real:  # a stage reading the outputs folder as a whole
+                        continue
+                    rel = _relation(o.real, p.real)
+                    if not rel or (rel == "contains" and not is_out) or (
+                            rel == "inside" and not (p.real in folder_set or p.real.is_dir())):
+                        continue  # inputs inside a folder that is written into are fine
+                    whose = (f"its input {p.shown!r} ({p.label})" if j == i else
+                             f"the input {p.shown!r} of the earlier stage {pipe.stages[j].name!r} ({p.label})")
+                    text = {"same": f"is {whose}: it would be overwritten",
+                            "contains": f"contains {whose}: it would be deleted",
+                            "inside": f"lies inside {whose}, a folder that is read"}[rel]
+                    raise refuse(o, is_out, text, "Write to a path that the pipeline does not read")
+            # the outputs and folders of the stages before it
+            for j in range(i):
+                for o2, is_out2 in mine(j):
+                    rel = _relation(o.real, o2.real)
+                    if rel == "same" or (rel == "contains" and is_out) or (rel == "inside" and is_out2):
+                        what2 = "output" if is_out2 else "folder"
+                        text = {"same": f"is also the {what2} of", "contains": f"contains the {what2} of",
+                                "inside": f"lies inside the {what2} of"}[rel]
+                        raise refuse(o, is_out, f"{text} stage {pipe.stages[j].name!r} ({o2.label}: {o2.shown!r})",
+                                     "Give each stage its own output path")
 
 
 # ------------------------------------------------------------------------------------------- fingerprints
@@ -324,7 +483,7 @@ def dependencies(pipeline: Pipeline) -> dict[str, set[str]]:
         ins = s.inputs()
         d = set(s.after)
         for prev in pipeline.stages[:i]:
-            outs = prev.outputs()
+            outs = prev.outputs() + prev.folders()
             if any(_related(x, o) for x in ins for o in outs):
                 d.add(prev.name)
         deps[s.name] = d
@@ -378,6 +537,35 @@ def _why_stale(spec: StageSpec, rec: dict[str, Any] | None, key: str) -> str:
     return ""
 
 
+def _user_inputs(pipe: Pipeline) -> list[str]:
+    """The stages' inputs that no stage writes (the user's files), for the outputs-folder guard."""
+    produced = [Path(os.path.realpath(Path(o).absolute())) for s in pipe.stages for o in s.outputs() + s.folders()]
+    out = []
+    for s in pipe.stages:
+        for p in s.inputs():
+            local = input_paths(p)
+            if not local:
+                continue
+            rp = Path(os.path.realpath(local[0].absolute()))
+            if not any(rp == o or o in rp.parents for o in produced):
+                out.append(p)
+    return out
+
+
+def guard_outputs_folder(pipe: Pipeline) -> Path:
+    """Refuse the outputs folder of ``pipe`` if writing it could harm what dinov3geo did not create.
+
+    Refused: a file at that path, a folder that is (or lies inside) a folder the stages read, and an existing
+    non-empty folder that dinov3geo did not create — unless it holds this pipeline's manifest (a folder of an
+    earlier run, from before folders were marked). Nothing is written.
+
+    Raises:
+        OutputConflictError: naming the folder, the pipeline file and key ``outputs``.
+    """
+    return guard_output(pipe.outputs, _user_inputs(pipe), folder=True, kind=OUTPUTS_KIND,
+                        role=f"{pipe._where()}: key 'outputs'", adopt=(pipe.manifest_path.name,), replaces=False)
+
+
 def run_pipeline(
     pipeline: Pipeline | str | os.PathLike[str],
     overrides: Sequence[str] | None = None,
@@ -387,6 +575,10 @@ def run_pipeline(
     echo: Callable[[str], None] | None = print,
 ) -> dict[str, StageRun]:
     """Run the stages of ``pipeline`` in order, skipping those that are up to date.
+
+    Before any stage runs, the pipeline's paths are checked (:func:`check_pipeline`), the outputs folder is
+    guarded (:func:`guard_outputs_folder`), created and marked as ours, and its output lock is taken for the
+    whole run (a dry run only checks).
 
     Args:
         pipeline: a :class:`Pipeline` or a pipeline YAML path.
@@ -399,18 +591,37 @@ def run_pipeline(
         Per stage name, a :class:`StageRun`.
 
     Raises:
+        PipelineError: the pipeline is invalid or its stages' paths conflict (nothing ran).
+        OutputConflictError: the outputs folder is not one dinov3geo may write (nothing ran).
+        OutputLockedError: another ``dinov3geo run`` is writing the same outputs folder (nothing ran).
         StageFailed: a stage raised (the earlier stages' outputs and manifest entries are kept).
     """
+    from dinov3geo.utils.locks import output_lock
+
     pipe = pipeline if isinstance(pipeline, Pipeline) else load_pipeline(pipeline, overrides)
-    say = echo or (lambda _m: None)
     forced = {s.name for s in pipe.stages} if force is True else set(force or [])
     for f in forced:
         pipe.stage(f)  # error naming an unknown stage
+    if isinstance(pipeline, Pipeline):
+        check_pipeline(pipe)
+    guard_outputs_folder(pipe)
+    if dry_run:
+        return _run_stages(pipe, forced, True, echo)
+    with output_lock(pipe.outputs, what=f"run {pipe.name}"):
+        guard_outputs_folder(pipe)  # again, now that no other run can change it
+        pipe.outputs.mkdir(parents=True, exist_ok=True)
+        if folder_kind(pipe.outputs) is None:
+            mark_folder(pipe.outputs, OUTPUTS_KIND, pipeline=pipe.name)
+        return _run_stages(pipe, forced, False, echo)
+
+
+def _run_stages(pipe: Pipeline, forced: set[str], dry_run: bool,
+                echo: Callable[[str], None] | None) -> dict[str, StageRun]:
+    say = echo or (lambda _m: None)
     deps = dependencies(pipe)
     manifest = read_manifest(pipe)
     recs: dict[str, Any] = manifest["stages"]
-    if not dry_run:
-        pipe.outputs.mkdir(parents=True, exist_ok=True)
+    pending: dict[str, Any] = manifest.setdefault("pending", {})
     ran: set[str] = set()
     runs: dict[str, StageRun] = {}
     n = len(pipe.stages)
@@ -419,10 +630,12 @@ def run_pipeline(
         inputs = {p: fingerprint(p) for p in spec.inputs()}
         key = _stage_key(spec, inputs)
         rec = recs.get(spec.name)
+        pend = pending.get(spec.name) if rec is None else None
         upstream = sorted(deps[spec.name] & ran)
-        reason = ("forced" if spec.name in forced else
-                  f"upstream stage(s) {upstream} ran" if upstream else _why_stale(spec, rec, key))
+        stale = "an earlier run of it was interrupted or failed" if pend is not None else _why_stale(spec, rec, key)
+        reason = ("forced" if spec.name in forced else f"upstream stage(s) {upstream} ran" if upstream else stale)
         if not reason:
+            assert rec is not None
             runs[spec.name] = StageRun(spec.name, spec.type, "skipped", rec.get("seconds"), rec.get("result"))
             say(f"{tag}: skipped (up to date)")
             continue
@@ -431,13 +644,18 @@ def run_pipeline(
             runs[spec.name] = StageRun(spec.name, spec.type, "would run", reason=reason)
             say(f"{tag}: would run ({reason})")
             continue
-        rebuild = spec.name in forced or (rec is not None and reason != "never ran")
+        # start afresh when forced, when it ran before with other parameters/inputs, or when an interrupted
+        # run was itself a rebuild or had other parameters/inputs; else (first run) resume what it left
+        rebuild = spec.name in forced or (rec is not None and reason != "never ran") or (
+            pend is not None and (bool(pend.get("rebuild")) or pend.get("key") != key))
         ctx = StageContext(pipe.name, spec.name, pipe.outputs,
                            results={k: (v.result or {}) for k, v in runs.items()},
                            statuses={k: {"type": v.type, "status": v.status, "seconds": v.seconds}
                                      for k, v in runs.items()}, rebuild=rebuild)
         ctx.statuses[spec.name] = {"type": spec.type, "status": "running", "seconds": None}
         recs.pop(spec.name, None)  # not done until it finishes
+        pending[spec.name] = {"key": key, "rebuild": rebuild,
+                              "started": datetime.now(UTC).isoformat(timespec="seconds")}
         _write_manifest(pipe, manifest)
         say(f"{tag}: running ({reason})")
         t0 = time.perf_counter()
@@ -464,6 +682,7 @@ def run_pipeline(
             "outputs": {o: fingerprint(o) for o in spec.outputs()}, "seconds": round(dt, 3),
             "finished": datetime.now(UTC).isoformat(timespec="seconds"), "result": result,
         }
+        pending.pop(spec.name, None)
         _write_manifest(pipe, manifest)
         runs[spec.name] = StageRun(spec.name, spec.type, "done", dt, result, reason)
         say(f"{tag}: done in {dt:.1f} s")

@@ -4,8 +4,16 @@ A stage kind is a function with keyword parameters (the keys a pipeline YAML giv
 one API function and returns a small JSON-able ``dict`` (output paths, counts, metrics) recorded in the
 pipeline manifest and shown in the report. It declares which parameters hold *input* paths (their size and
 mtime, or content for small files, enter the up-to-date check) and which *output* paths it writes (a stage is
-skipped only when they all exist). A function may also take ``ctx`` (a :class:`StageContext`) to see the
-pipeline's outputs folder and the results of the stages before it.
+skipped only when they all exist), plus the *folders* it writes files into without replacing them as a whole
+(a training run, an evaluation folder). The runner refuses, before anything runs, a pipeline whose outputs or
+folders would overwrite, contain or lie inside an input, each other, the outputs folder or the pipeline file
+(:func:`dinov3geo.pipelines.runner.check_pipeline`). A function may also take ``ctx`` (a :class:`StageContext`)
+to see the pipeline's outputs folder and the results of the stages before it.
+
+A rebuild (``ctx.rebuild``: changed parameters or inputs, ``--force``, or a rebuild that was interrupted)
+never deletes what dinov3geo did not create: folders are removed with
+:func:`dinov3geo.utils.outputs.remove_owned` (refused, naming the folder, for a folder that is not ours), and
+files are replaced atomically by the stage rather than deleted beforehand.
 
 Third parties add kinds with :func:`register_stage`::
 
@@ -28,6 +36,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +60,8 @@ class StageContext:
     outputs_dir: Path  #: the pipeline's outputs folder
     results: dict[str, dict[str, Any]] = field(default_factory=dict)  #: earlier stages' results, by name
     statuses: dict[str, dict[str, Any]] = field(default_factory=dict)  #: earlier stages: status, seconds, type
-    rebuild: bool = False  #: the stage ran before with other parameters/inputs (or --force): start afresh
+    #: start afresh: the stage ran before with other parameters/inputs, --force, or an interrupted rebuild
+    rebuild: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,8 @@ class StageKind:
     outputs: tuple[str, ...] | PathsFn = ()  #: parameter names holding output paths, or params -> paths
     validate: Callable[[Mapping[str, Any]], None] | None = None  #: extra checks of the parameters (raise)
     description: str = ""
+    #: parameter names holding folders the stage writes files into (not replaced as a whole), or params -> paths
+    folders: tuple[str, ...] | PathsFn = ()
 
     @property
     def parameters(self) -> dict[str, inspect.Parameter]:
@@ -85,6 +97,10 @@ class StageKind:
 
     def output_paths(self, params: Mapping[str, Any]) -> list[str]:
         return _paths(self.outputs, params)
+
+    def folder_paths(self, params: Mapping[str, Any]) -> list[str]:
+        """The folders the stage writes files into (see :attr:`folders`)."""
+        return _paths(self.folders, params)
 
 
 def _paths(spec: tuple[str, ...] | PathsFn, params: Mapping[str, Any]) -> list[str]:
@@ -111,6 +127,7 @@ def register_stage(
     validate: Callable[[Mapping[str, Any]], None] | None = None,
     description: str | None = None,
     replace: bool = False,
+    folders: tuple[str, ...] | PathsFn = (),
 ) -> Any:
     """Register ``func`` as the stage kind ``type_name`` (usable as a decorator).
 
@@ -118,7 +135,10 @@ def register_stage(
         type_name: the ``type:`` a pipeline stage gives.
         func: a function with keyword parameters (optionally ``ctx``) returning a JSON-able dict or None.
         inputs, outputs: names of the parameters holding input/output paths (a str or a list of str), or a
-            function of the parameters returning the paths.
+            function of the parameters returning the paths. An output is replaced as a whole (a file, a Zarr
+            store).
+        folders: like ``outputs``, the folders the stage writes files into without replacing them (a training
+            run, an evaluation folder); inputs may lie inside them.
         validate: called with the resolved parameters before anything runs; raise ``ValueError`` naming
             the bad key.
         description: one line for ``dinov3geo run --list-stages`` (default: the docstring's first line).
@@ -129,7 +149,8 @@ def register_stage(
         if type_name in _REGISTRY and not replace:
             raise ValueError(f"stage type {type_name!r} is already registered (pass replace=True)")
         desc = description if description is not None else (inspect.getdoc(f) or "").split("\n")[0]
-        _REGISTRY[type_name] = StageKind(type_name, f, inputs, outputs, validate, desc)
+        _REGISTRY[type_name] = StageKind(type_name, f, inputs=inputs, outputs=outputs, folders=folders,
+                                         validate=validate, description=desc)
         return f
 
     return deco(func) if func is not None else deco
@@ -165,17 +186,25 @@ def ingest_stage(
     workers: int | None = None,
     ctx: StageContext | None = None,
 ) -> dict[str, Any]:
-    """Chip scenes into a Zarr tile store (dinov3geo.ingest.ingest); a rebuild starts a fresh store."""
-    from dinov3geo.ingest import ingest
-    from dinov3geo.utils.atomic import remove_quietly
+    """Chip scenes into a Zarr tile store (dinov3geo.ingest.ingest); a rebuild starts a fresh store.
 
-    if ctx is not None and ctx.rebuild and Path(out).exists():
-        log.info("removing the out-of-date tile store %s", out)
-        remove_quietly(out)
+    A rebuild deletes the old store only if it is a dinov3geo tile store; any other folder at ``out`` is
+    refused (:class:`~dinov3geo.utils.outputs.OutputConflictError` naming it) and left untouched.
+    """
+    from dinov3geo.ingest import ingest
+    from dinov3geo.utils.locks import output_lock
+    from dinov3geo.utils.outputs import remove_owned
+
     srcs = [sources] if isinstance(sources, str) else list(sources)
-    rep = ingest(srcs, out, tile_size=tile_size, bands=bands, res=res, crs=crs, assume_crs=assume_crs,
-                 nodata=nodata, min_valid=min_valid, resampling=resampling, scheduler=scheduler,
-                 workers=workers, progress=False)
+    # the store's lock covers the removal too (re-entrant: ingest takes it again), so a rebuild never deletes
+    # a store that another run is writing
+    with output_lock(out, what="ingest"):
+        if ctx is not None and ctx.rebuild and Path(out).is_dir():
+            log.info("removing the out-of-date tile store %s", out)
+            remove_owned(out, kinds=["tile-store"])
+        rep = ingest(srcs, out, tile_size=tile_size, bands=bands, res=res, crs=crs, assume_crs=assume_crs,
+                     nodata=nodata, min_valid=min_valid, resampling=resampling, scheduler=scheduler,
+                     workers=workers, progress=False)
     if not (rep.ingested or rep.already):
         why = "; ".join(f"{s}: {w}" for s, w in rep.skipped) or "no scene found"
         raise RuntimeError(f"no scene could be ingested into {out} ({why})")
@@ -261,6 +290,57 @@ def _pretrain_inputs(params: Mapping[str, Any]) -> list[str]:
     return paths
 
 
+#: the file that identifies an unmarked folder as a pretraining run (of a version before folders were marked):
+#: pretraining writes it first thing
+_PRETRAIN_RUN_FILE = "config.json"
+
+
+def _is_run(d: Path) -> bool:
+    """``d`` is a pretraining run folder of ours: marked, or holding a run's ``config.json`` (older runs)."""
+    from dinov3geo.utils.outputs import folder_kind
+
+    return d.is_dir() and (folder_kind(d) is not None or (d / _PRETRAIN_RUN_FILE).is_file())
+
+
+def _move_runs_aside(dirs: Sequence[Path], inputs: Sequence[str]) -> None:
+    """Rebuild of a pretrain stage: move each existing run folder to ``<dir>.previous`` (replacing an older
+    ``.previous``).
+
+    Every folder is checked first: one (run or ``.previous``) that is not a pretraining run of ours, or that
+    holds an input of the stage (``inputs``: its tile store, its config), is refused, naming it, before anything
+    is moved or deleted.
+    """
+    from dinov3geo.ssl.train import PRETRAIN_KIND
+    from dinov3geo.utils.outputs import OutputConflictError, folder_kind, mark_folder, remove_owned
+
+    moves = []
+    for d in dirs:
+        if not d.exists():
+            continue
+        old = d.with_name(d.name + ".previous")
+        for f in (d, old):
+            if not f.exists() or (f.is_dir() and not any(f.iterdir())):
+                continue
+            if not _is_run(f):
+                raise OutputConflictError(f, "it is not a pretraining run folder that dinov3geo created; refusing "
+                                          "to move or delete it for the rebuild",
+                                          "Move it away yourself, or give the stage another 'output_dir'.")
+            real = Path(os.path.realpath(f))
+            for i in inputs:
+                ri = Path(os.path.realpath(i))
+                if ri == real or real in ri.parents:
+                    raise OutputConflictError(f, f"it holds the stage's input {i!r}; refusing to move or delete it "
+                                              "for the rebuild", "Keep the inputs outside the pretraining 'output_dir'.")
+        moves.append((d, old))
+    for d, old in moves:
+        for f in (d, old):
+            if f.is_dir() and folder_kind(f) is None:  # a run of an older version: ours, mark it so
+                mark_folder(f, PRETRAIN_KIND, adopted=True)
+        remove_owned(old)
+        d.rename(old)
+        log.info("moved the out-of-date pretraining run %s to %s", d, old)
+
+
 def pretrain_stage(
     config: str,
     stage: str | None = None,
@@ -274,7 +354,8 @@ def pretrain_stage(
 
     ``store`` and ``output_dir`` override ``data.store`` / ``train.output_dir``; ``set`` overrides any key
     (``{optim.iterations: 20}``). An interrupted run resumes from its checkpoint; a rebuild (changed
-    parameters or inputs, or ``--force``) moves the old run aside to ``<output_dir>.previous`` first.
+    parameters or inputs, or ``--force``) moves the old run aside to ``<output_dir>.previous`` first (never a
+    folder that is not a pretraining run of ours: that is refused, naming it, before anything is moved).
     """
     from dinov3geo.ssl.config import load_config
     from dinov3geo.ssl.train import pretrain, run_stages, stage_metrics
@@ -282,14 +363,7 @@ def pretrain_stage(
     params = {"config": config, "stage": stage, "store": store, "output_dir": output_dir, "set": set}
     sections, dirs, ov = _pretrain_plan(params)
     if ctx is not None and ctx.rebuild:
-        for d in dirs:
-            if d.exists():
-                old = d.with_name(d.name + ".previous")
-                from dinov3geo.utils.atomic import remove_quietly
-
-                remove_quietly(old)
-                d.rename(old)
-                log.info("moved the out-of-date pretraining run %s to %s", d, old)
+        _move_runs_aside(dirs, _pretrain_inputs(params))
     if len(sections) > 1:
         if max_steps is not None:
             raise PipelineError("parameter 'max_steps' only applies to a single pretraining stage")
@@ -407,6 +481,7 @@ def _load_builtins() -> None:
     _BUILTINS_LOADED = True
     register_stage("ingest", ingest_stage, inputs=("sources",), outputs=("out",), replace=True)
     register_stage("pretrain", pretrain_stage, inputs=_pretrain_inputs, outputs=_pretrain_outputs,
+                   folders=lambda p: [str(d) for d in _pretrain_plan(p)[1]],
                    validate=lambda p: _pretrain_plan(p) and None, replace=True)
     register_stage("features", features_stage, inputs=("image", "weights"), outputs=_features_outputs,
                    replace=True)

@@ -24,7 +24,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +58,6 @@ def _r(x: Any, nd: int = 3) -> Any:
 
 def _label(ctx: StageContext | None, label: str | None, default: str) -> str:
     return label or (ctx.stage if ctx is not None else default)
-
-
-def _remove(paths: Sequence[str | os.PathLike[str]]) -> None:
-    from dinov3geo.utils.atomic import remove_quietly
-
-    for p in paths:
-        if Path(p).exists():
-            remove_quietly(p)
 
 
 # ------------------------------------------------------------------------------------------ canopy_train
@@ -120,14 +112,15 @@ def canopy_train_stage(
     ``config`` is a canopy config file or an inline mapping (sections data/split/model/train, see
     ``dinov3geo canopy train``); ``set`` overrides keys (``{train.epochs: 5}``), ``out`` the output folder and
     ``backbone`` ``model.backbone``. A rebuild (changed parameters or inputs, e.g. a re-pretrained backbone)
-    starts afresh instead of resuming ``last.pt``. Returns the model path and the test-block metrics.
+    starts afresh instead of resuming ``last.pt`` (nothing is deleted beforehand: ``model.pt`` is replaced
+    when the new run writes it). Returns the model path and the test-block metrics.
     """
     from dinov3geo.tasks.canopy.train import train_canopy
 
     params = {"config": config, "set": set, "out": out, "backbone": backbone}
     cfg = _canopy_cfg(params)
     if ctx is not None and ctx.rebuild:
-        _remove([Path(cfg.out) / "last.pt", Path(cfg.out) / "model.pt"])
+        cfg.resume = False
     res = train_canopy(cfg, progress=False)
     lab = _label(ctx, label, "canopy")
     test = {name: {k: m.get(k) for k in ("n", "mae", "rmse", "r2", "bias", "block_r2")}
@@ -221,7 +214,8 @@ def canopy_predict_stage(
     Uses a dinov3geo canopy model (``model``) or Meta's CHMv2 (``chmv2_backbone`` = the SAT-493M ViT-L
     backbone file, ``chmv2_head`` = the CHMv2 head file). With ``aoi`` (a vector file) only pixels inside are
     mapped and a per-polygon summary (mean/p95 height, cover share, area) is written to ``summary`` (default
-    ``<out stem>_aoi_summary.gpkg`` + ``.csv``). Returns scene-wide height statistics.
+    ``<out stem>_aoi_summary.gpkg`` + ``.csv``). Returns scene-wide height statistics. A rebuild maps afresh
+    instead of resuming an interrupted map; the old files are replaced atomically, never deleted beforehand.
     """
     from dinov3geo.tasks.canopy.predict import predict_canopy
 
@@ -229,12 +223,11 @@ def canopy_predict_stage(
               "summary": summary, "out": out}
     _canopy_predict_validate(params)
     spaths = _summary_paths(params)
-    if ctx is not None and ctx.rebuild:
-        _remove([out, *spaths])
     path = predict_canopy(model, image, out, aoi=aoi, summary=spaths[0] if spaths else None,
                           chmv2_backbone=chmv2_backbone, chmv2_head=chmv2_head, bands=bands, window=window,
                           overlap=overlap, batch_size=batch_size, device=device, amp=amp,
-                          resample_to_model_gsd=resample_to_model_gsd, progress=False)
+                          resample_to_model_gsd=resample_to_model_gsd, progress=False,
+                          resume=not (ctx is not None and ctx.rebuild))
     h = raster_stats(path, 1, cover_threshold)
     s = raster_stats(path, 2)
     lab = _label(ctx, label, "canopy map")
@@ -424,7 +417,7 @@ def change_detect_stage(
     summary[f"{lab}: {what} polygons >= {mmu_ha:g} ha"] = res.n_polygons
     s = res.summary
     return {"paths": {k: str(v) for k, v in res.paths.items()}, "method": method,
-            "threshold": res.threshold, "score_threshold": res.score_threshold,
+            "threshold": _r(res.threshold, 6), "score_threshold": _r(res.score_threshold, 6),  # inf: no change
             "threshold_source": res.threshold_source, "change_ha": res.change_ha, "loss_ha": res.loss_ha,
             "polygons_ha": res.polygons_ha, "n_polygons": res.n_polygons,
             "date_before": s.get("date_before"), "date_after": s.get("date_after"),
@@ -437,15 +430,16 @@ def register_task_stages() -> None:
     from dinov3geo.pipelines.stages import register_stage
 
     register_stage("canopy_train", canopy_train_stage, inputs=_canopy_train_inputs,
-                   outputs=_canopy_train_outputs, validate=lambda p: _canopy_cfg(p) and None, replace=True)
+                   outputs=_canopy_train_outputs, folders=lambda p: [str(_canopy_cfg(p).out)],
+                   validate=lambda p: _canopy_cfg(p) and None, replace=True)
     register_stage("canopy_predict", canopy_predict_stage, inputs=("image", "model", "chmv2_backbone",
                                                                    "chmv2_head", "aoi"),
                    outputs=lambda p: [str(p["out"]), *_summary_paths(p)], validate=_canopy_predict_validate,
                    replace=True)
     register_stage("canopy_evaluate", canopy_evaluate_stage, inputs=("pred", "truth", "aoi", "split_mask"),
-                   outputs=_evaluate_outputs, replace=True)
+                   outputs=_evaluate_outputs, folders=("out_dir",), replace=True)
     register_stage("forest_mask", forest_mask_stage, inputs=("image",), outputs=("out",), replace=True)
     register_stage("change_detect", change_detect_stage,
                    inputs=("image_before", "image_after", "backbone", "model", "forest_mask", "canopy_before", "canopy_after",
                            "aoi", "scl_before", "scl_after"),
-                   outputs=_change_outputs, validate=_change_validate, replace=True)
+                   outputs=_change_outputs, folders=("out_dir",), validate=_change_validate, replace=True)

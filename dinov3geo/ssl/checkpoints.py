@@ -34,7 +34,9 @@ def read_stage_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds
-        raise StageCheckpointError(f"cannot read stage checkpoint {path}: {e}") from e
+        from dinov3geo.models.checkpoint import describe_load_error
+
+        raise StageCheckpointError(f"cannot read stage checkpoint: {describe_load_error(path, e)}") from e
     if not is_stage_checkpoint(ck):
         raise StageCheckpointError(
             f"{path} is not a dinov3geo stage checkpoint (expected checkpoints/last.ckpt of `dinov3geo pretrain`)")

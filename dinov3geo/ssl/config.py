@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from dinov3geo.utils.config import ConfigError, apply_overrides, from_dict
 
 #: Stage sections a multi-stage config file may hold (next to ``common:``), in run order.
@@ -207,8 +205,11 @@ def load_config(
     elif isinstance(source, dict):
         raw = dict(source)
     else:
-        text = Path(source).read_text()
-        raw = yaml.safe_load(text) or {}
+        from dinov3geo.utils.config import load_yaml
+
+        raw = load_yaml(source, "pretraining config") or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: a pretraining config is a YAML mapping of sections")
     if section is not None:
         extra = sorted(set(raw) - {"common", *STAGES})
         if extra:

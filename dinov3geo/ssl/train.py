@@ -7,14 +7,25 @@ recipe's bf16 parameter copies as an option: :mod:`dinov3geo.ssl.precision`), lo
 ``train.checkpoint_every`` iterations (``checkpoints/last.ckpt``) and, at the end, exports the EMA teacher's
 backbone in Meta's format (``backbone.pth`` + ``backbone.pth.json`` metadata sidecar) and in dinov3geo's own
 format (``backbone.dinov3geo.pt``), both loadable with :func:`dinov3geo.models.load_backbone`.
+
+Interrupts: a checkpoint is written to a hidden temporary file beside its final name and renamed into place
+(:class:`AtomicCheckpointIO`), so a ``kill -9`` at any moment leaves the previous ``last.ckpt`` complete and a
+re-run with ``resume=True`` continues from it, giving the same weights as an uninterrupted run. A Ctrl-C
+inside ``trainer.fit`` reaches the caller as ``KeyboardInterrupt`` (Lightning itself would print a message and
+call ``sys.exit(1)``); the Python SIGINT handler is restored afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
 import statistics
+import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +33,7 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -31,7 +43,10 @@ from dinov3geo.ssl.config import SSLConfig
 from dinov3geo.ssl.data import build_dataloader
 from dinov3geo.ssl.module import SSLModule
 from dinov3geo.ssl.precision import PRECISIONS, lightning_precision, param_dtype
+from dinov3geo.utils.atomic import remove_quietly, temp_sibling
+from dinov3geo.utils.locks import output_lock
 from dinov3geo.utils.memory import keep_freed_memory
+from dinov3geo.utils.outputs import guard_output, make_output_folder
 
 log = logging.getLogger("dinov3geo.ssl")
 
@@ -47,6 +62,102 @@ class PretrainResult:
     metrics_csv: Path | None
     iterations: int
     is_global_zero: bool = True
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``torch.save`` checkpointing, made atomic on the checkpoint's own filesystem.
+
+    Lightning's default writes through an fsspec transaction whose temporary file lies in the system temp folder:
+    moved into place by a *copy* when that is another filesystem (a kill during the copy truncates
+    ``last.ckpt``), and left behind in ``/tmp`` by a ``kill -9``. Here the checkpoint is written to a hidden
+    sibling (``.<name>.tmp-<pid>-<rand>.ckpt``), flushed to disk and renamed over the final name; siblings left by
+    killed runs are removed when the next run starts (:func:`_remove_stale_checkpoint_temps`).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Write ``checkpoint`` to ``path`` atomically (remote URLs: Lightning's own way)."""
+        if "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        if storage_options is not None:
+            raise TypeError(f"storage_options are not supported by {type(self).__name__}")
+        final = Path(path)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_sibling(final)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            remove_quietly(tmp)
+            raise
+        return None
+
+
+def _remove_stale_checkpoint_temps(ckpt_dir: Path) -> None:
+    """Remove temporary checkpoint files (:class:`AtomicCheckpointIO`) whose writing process no longer exists."""
+    try:
+        names = list(ckpt_dir.glob(".*.tmp-*.ckpt"))
+    except OSError:
+        return
+    for p in names:
+        try:
+            pid = int(p.name.split(".tmp-", 1)[1].split("-", 1)[0])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.info("removing %s left by a killed run", p)
+            remove_quietly(p)
+        except PermissionError:  # another user's live process
+            continue
+
+
+class _DropMessages(logging.Filter):
+    """Drops log records containing one of ``texts``."""
+
+    def __init__(self, *texts: str) -> None:
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(t in msg for t in self.texts)
+
+
+@contextlib.contextmanager
+def _interrupt_as_keyboard_interrupt(trainer: pl.Trainer) -> Iterator[None]:
+    """Around ``trainer.fit``: a Ctrl-C reaches the caller as ``KeyboardInterrupt``.
+
+    Lightning catches ``KeyboardInterrupt`` itself, logs "Detected KeyboardInterrupt, attempting graceful
+    shutdown", sets SIGINT to *ignored* and calls ``sys.exit(1)``: a script would end with status 1, a notebook
+    kernel would exit, and a pipeline could not tell an interrupt from an error. Here that ``SystemExit`` becomes
+    ``KeyboardInterrupt`` again (the CLI prints its one line and exits with 130), Lightning's message is dropped
+    and the SIGINT handler in place before ``fit`` is restored. The checkpoints already written are complete
+    (:class:`AtomicCheckpointIO`): a re-run with ``resume=True`` continues from the last one.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    quiet = _DropMessages("Detected KeyboardInterrupt")
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch.utilities.rank_zero",
+                                                "lightning.fabric.utilities.rank_zero")]
+    for lg in loggers:
+        lg.addFilter(quiet)
+    try:
+        yield
+    except SystemExit as exc:
+        if trainer.interrupted and isinstance(exc.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        for lg in loggers:
+            lg.removeFilter(quiet)
+        if main and previous is not None and signal.getsignal(signal.SIGINT) is not previous:
+            signal.signal(signal.SIGINT, previous)
 
 
 class SSLDataModule(pl.LightningDataModule):
@@ -123,7 +234,26 @@ def pretrain(cfg: SSLConfig, *, resume: bool = False, stage: str = "pretrain",
         tiles: train on this dataset instead of ``cfg.data.store`` (e.g. a torchgeo GeoDataset wrapped in
             :class:`dinov3geo.data.torchgeo.GeoDatasetTiles`).
     """
-    out = Path(cfg.train.output_dir)
+    inputs = [x for x in (cfg.data.store if tiles is None else None, cfg.student.pretrained_weights,
+                          cfg.student.resume_from_teacher_chkpt, cfg.gram.ckpt, cfg.distillation.teacher_checkpoint)
+              if x]
+    out = guard_output(cfg.train.output_dir, inputs, folder=True, kind=PRETRAIN_KIND, role="train.output_dir",
+                       adopt=("config.json",), replaces=False)
+    if os.environ.get("RANK", "0") != "0" or os.environ.get("LOCAL_RANK", "0") != "0":
+        return _pretrain(cfg, out, resume=resume, stage=stage, max_steps=max_steps, tiles=tiles)
+    with output_lock(out, what="pretrain"):  # rank 0 holds it; the ranks it launches write through it
+        make_output_folder(out, inputs, kind=PRETRAIN_KIND, role="train.output_dir", adopt=("config.json",),
+                           files=("config.json", "backbone.pth", "backbone.dinov3geo.pt"))
+        return _pretrain(cfg, out, resume=resume, stage=stage, max_steps=max_steps, tiles=tiles)
+
+
+#: the dinov3geo folder kind of a pretraining stage's output_dir
+PRETRAIN_KIND = "pretrain"
+
+
+def _pretrain(cfg: SSLConfig, out: Path, *, resume: bool, stage: str, max_steps: int | None,
+              tiles: Any) -> PretrainResult:
+    """:func:`pretrain` once the output folder is checked, locked and created."""
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.train.seed, workers=True, verbose=False)
     store = TileStore.open(cfg.data.store) if tiles is None else None
@@ -143,7 +273,10 @@ def pretrain(cfg: SSLConfig, *, resume: bool = False, stage: str = "pretrain",
     if cfg.train.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, cfg.train.log_every // 2)))
     run = _next_run(out / "logs")  # one log folder per (re)start; stage_metrics() merges them
-    loggers = [CSVLogger(out, name="logs", version=run), TensorBoardLogger(out, name="tb", version=run)]
+    # each logged row is appended to metrics.csv at once (Lightning's default: every 100 steps), so a killed run
+    # keeps the rows of the steps it finished; its checkpoints make the next run continue after them
+    loggers = [CSVLogger(out, name="logs", version=run, flush_logs_every_n_steps=1),
+               TensorBoardLogger(out, name="tb", version=run)]
     steps = cfg.optim.iterations if max_steps is None else min(max_steps, cfg.optim.iterations)
     trainer = pl.Trainer(
         accelerator=cfg.train.accelerator, devices=devices, num_nodes=cfg.train.num_nodes,
@@ -151,10 +284,12 @@ def pretrain(cfg: SSLConfig, *, resume: bool = False, stage: str = "pretrain",
         logger=loggers, callbacks=callbacks, log_every_n_steps=max(1, cfg.train.log_every),
         enable_progress_bar=cfg.train.progress_bar, use_distributed_sampler=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        deterministic=False, default_root_dir=out,
+        deterministic=False, default_root_dir=out, plugins=[AtomicCheckpointIO()],
     )
     if trainer.is_global_zero:
         from dinov3geo.utils.atomic import atomic_path
+
+        _remove_stale_checkpoint_temps(ckpt_dir)
 
         with atomic_path(out / "config.json") as tmp:
             tmp.write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -162,7 +297,8 @@ def pretrain(cfg: SSLConfig, *, resume: bool = False, stage: str = "pretrain",
     ckpt_path = str(last) if resume and last.exists() else None
     if resume and ckpt_path is None:
         log.warning("no checkpoint at %s; starting from scratch", last)
-    with warnings.catch_warnings(), keep_freed_memory(cfg.train.keep_freed_memory):
+    with warnings.catch_warnings(), keep_freed_memory(cfg.train.keep_freed_memory), \
+            _interrupt_as_keyboard_interrupt(trainer):
         warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
         trainer.fit(module, datamodule=SSLDataModule(cfg, tiles), ckpt_path=ckpt_path, weights_only=True)
     # the final state, atomically (also when max_steps stopped early); optimizer state included

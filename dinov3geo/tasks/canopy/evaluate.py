@@ -35,6 +35,7 @@ from dinov3geo.tasks.canopy.labels import CHMAligner, NegativePolicy
 from dinov3geo.tasks.canopy.metrics import DEFAULT_BINS, CanopyMetricAccumulator
 from dinov3geo.tasks.canopy.plots import plot_error_by_bin, plot_pred_vs_true
 from dinov3geo.utils.atomic import atomic_path, check_writable
+from dinov3geo.utils.outputs import make_output_folder
 from dinov3geo.utils.progress import progress_bar
 
 __all__ = ["evaluate_rasters", "write_json"]
@@ -105,7 +106,9 @@ def evaluate_rasters(
         the metrics dict (as in ``metrics.json``), with ``inputs`` and ``outputs`` sections added.
     """
     pred_path, truth_path = os.fspath(pred_path), os.fspath(truth_path)
-    out = Path(out_dir)
+    inputs = [pred_path, truth_path, *(x for x in (aoi, split_mask) if isinstance(x, str | os.PathLike))]
+    out = make_output_folder(out_dir, inputs, kind="canopy-eval", role="--out",
+                             files=("metrics.json", "pred_vs_true.png", "error_by_bin.png"))
     check_writable(out / "metrics.json")
     if window < 1:
         raise ValueError(f"window must be >= 1 pixel, got {window}")

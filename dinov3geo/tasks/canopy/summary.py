@@ -81,8 +81,12 @@ def summarise_heights(
     Returns:
         the polygons with the summary columns, in their original CRS.
     """
+    from dinov3geo.utils.outputs import guard_output
+
+    protect = [raster, aoi if isinstance(aoi, str | os.PathLike) else None]
     for p in (out_gpkg, out_csv):
         if p is not None:
+            guard_output(p, protect, role="summary")
             check_writable(p)
     gdf = read_vector(aoi, layer=layer) if isinstance(aoi, str | os.PathLike) else aoi.copy()
     if gdf.crs is None:

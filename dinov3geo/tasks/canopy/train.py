@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 
 from dinov3geo.inference.engine import resolve_amp, resolve_device
+from dinov3geo.io.errors import MissingCRSError
 from dinov3geo.models import load_backbone
 from dinov3geo.models.normalization import normalize
 from dinov3geo.models.registry import build_backbone
@@ -52,7 +52,9 @@ from dinov3geo.tasks.canopy.metrics import CanopyMetricAccumulator
 from dinov3geo.tasks.canopy.model import CanopyHeightModel, save_canopy_model
 from dinov3geo.tasks.canopy.splits import SpatialSplit, block_split
 from dinov3geo.utils.atomic import atomic_path
-from dinov3geo.utils.config import ConfigError, apply_overrides, from_dict
+from dinov3geo.utils.config import ConfigError, apply_overrides, from_dict, load_yaml
+from dinov3geo.utils.locks import output_lock
+from dinov3geo.utils.outputs import guard_output, make_output_folder
 from dinov3geo.utils.progress import progress_bar
 
 log = logging.getLogger("dinov3geo.canopy")
@@ -76,6 +78,7 @@ class PairConfig:
     image: str = ""  #: image raster (anything dinov3geo.io.open_scene opens)
     chm: str = ""  #: canopy-height model raster (metres; any CRS/resolution)
     name: str | None = None  #: short name (default: the image file stem)
+    assume_crs: str | None = None  #: CRS of the image and CHM when the files have none (e.g. EPSG:31982)
 
 
 @dataclass
@@ -163,10 +166,7 @@ def load_canopy_config(
         what = "<dict>"
     else:
         what = os.fspath(source)
-        try:
-            raw = yaml.safe_load(Path(what).read_text()) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"canopy config {what!r} not found") from None
+        raw = load_yaml(what, "canopy config") or {}  # errors name the file (and the line of a YAML error)
     if not isinstance(raw, dict):
         raise ConfigError(f"{what}: a canopy config must be a mapping of sections, got {type(raw).__name__}")
     apply_overrides(raw, overrides or [])
@@ -489,9 +489,26 @@ def train_canopy(config: CanopyTrainConfig | str | os.PathLike[str] | dict[str, 
                  overrides: Sequence[str] | None = None, *, progress: bool = True) -> TrainResult:
     """Train a canopy-height head (see the module docstring); returns where the model and metrics are."""
     cfg = config if isinstance(config, CanopyTrainConfig) else load_canopy_config(config, overrides)
+    inputs = [v for p in cfg.data.pairs for k, v in p.items() if k in ("image", "chm")]
+    if cfg.model.backbone and not str(cfg.model.backbone).startswith("random:"):
+        inputs.append(cfg.model.backbone)
+    if isinstance(config, str | os.PathLike):
+        inputs.append(config)
+    out = guard_output(cfg.out, inputs, folder=True, kind=CANOPY_TRAIN_KIND, role="out", adopt=("last.pt",),
+                       replaces=False)
+    with output_lock(out, what="canopy train"):
+        make_output_folder(out, inputs, kind=CANOPY_TRAIN_KIND, role="out", adopt=("last.pt",),
+                           files=("model.pt", "last.pt", "history.json", "summary.json"))
+        return _train_canopy(cfg, out, progress=progress)
+
+
+#: the dinov3geo folder kind of a canopy training run
+CANOPY_TRAIN_KIND = "canopy-train"
+
+
+def _train_canopy(cfg: CanopyTrainConfig, out: Path, *, progress: bool) -> TrainResult:
+    """:func:`train_canopy` once the output folder is checked, locked and created."""
     tc = cfg.train
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(tc.seed)
     device = resolve_device(tc.device)
     amp = resolve_amp(tc.amp, device)
@@ -500,9 +517,15 @@ def train_canopy(config: CanopyTrainConfig | str | os.PathLike[str] | dict[str, 
 
     # ---- data
     pairs: list[tuple[str, dict[str, Any], ImageCHMPair, SpatialSplit]] = []
-    for p in cfg.data.pairs:
+    for i, p in enumerate(cfg.data.pairs):
         name = _pair_name(p)
-        pair = load_image_and_chm(p["image"], p["chm"], target_res=cfg.data.target_res, bands=cfg.data.bands)
+        try:
+            pair = load_image_and_chm(p["image"], p["chm"], target_res=cfg.data.target_res, bands=cfg.data.bands,
+                                      assume_crs=p.get("assume_crs"))
+        except MissingCRSError as e:  # the reader's hint names CLI options that `canopy train` does not have
+            raise MissingCRSError(e.path, hint=(
+                f"If you know its CRS, set `assume_crs: EPSG:xxxx` in data.pairs[{i}] of the config (it applies "
+                "to that pair's image and CHM), or assign one with `gdal_edit.py -a_srs EPSG:xxxx`.")) from None
         split = block_split(pair.grid.shape, block=cfg.split.block, fractions=cfg.split.fractions,
                             buffer=cfg.split.buffer, seed=cfg.split.seed)
         _write_json(split.to_dict() | {"pair": p, "grid": pair.info}, out / f"split_{name}.json")
@@ -675,8 +698,8 @@ def evaluate_on_split(
     from dinov3geo.tasks.canopy.evaluate import evaluate_rasters
     from dinov3geo.tasks.canopy.predict import predict_canopy
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_folder(out_dir, [model_path], kind="canopy-eval",
+                             files=("image.tif", "labels.tif", "chm_pred.tif"))
     g = pair.grid
     profile = {"driver": "GTiff", "height": g.height, "width": g.width, "crs": g.crs, "transform": g.transform,
                "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}

@@ -17,6 +17,11 @@ than 5 m, RADD's 0.1 ha MMU):
 
 Invalid pixels (nodata, clouds, outside the AOI) are never loss.
 
+:func:`forest_loss` works on in-memory arrays (the reference). The rules are per pixel except the MMU, so
+:func:`~dinov3geo.tasks.change.detect.detect_change` applies them tile by tile (``mmu_ha=0``, inputs read with
+:class:`GridReader`) and the MMU over whole regions with :mod:`~dinov3geo.tasks.change.windowed`: the same
+loss map, bit for bit, with memory bounded by the tile.
+
 Without a canopy-height model (e.g. Landsat imagery), :func:`ndvi_forest_mask` makes the date-1 forest mask
 from the red and near-infrared bands: ``NDVI = (nir - red) / (nir + red) >= threshold``.
 
@@ -33,12 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rasterio.windows import Window
 
 from dinov3geo.io import GridSpec, open_scene
 from dinov3geo.tasks.change.polygons import remove_small_regions
 
-__all__ = ["ForestLoss", "NDVIForest", "forest_loss", "forest_mask", "forestgapr_loss_labels", "ndvi",
-           "ndvi_forest_mask", "read_on_grid"]
+__all__ = ["ForestLoss", "GridReader", "NDVIForest", "forest_loss", "forest_mask", "forestgapr_loss_labels",
+           "ndvi", "ndvi_forest_mask", "read_on_grid"]
 
 
 @dataclass
@@ -245,14 +251,55 @@ def ndvi_forest_mask(
     return NDVIForest(forest, v, nd, scene.grid, float(threshold), path)
 
 
+class GridReader:
+    """One band of a raster (canopy height, forest mask...) read window by window on ``grid``.
+
+    Use as a context manager; :meth:`read` gives float32 values, NaN where invalid. The file stays open
+    between windows, so reading a whole grid tile by tile costs one open (see :func:`read_on_grid`).
+
+    Args:
+        path: raster file (or anything :func:`dinov3geo.io.open_scene` opens), any grid/CRS.
+        grid: the grid to read on (reprojected/resampled on read when the file is on another grid).
+        resampling: resampling method (``"bilinear"`` for heights, ``"nearest"`` for masks).
+        assume_crs: CRS for files without one.
+        band: the band (1-based index or name).
+        nodata: nodata override.
+    """
+
+    def __init__(self, path: Any, grid: GridSpec, *, resampling: str = "bilinear", assume_crs: Any = None,
+                 band: int | str = 1, nodata: float | None = None) -> None:
+        self.grid = grid
+        self.scene = open_scene(path, crs=assume_crs, nodata=nodata, bands=[band]).with_grid(grid, resampling)
+        self._reader: Any = None
+
+    def __enter__(self) -> GridReader:
+        self._reader = self.scene.reader()
+        self._reader.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    def read(self, window: Window | None = None) -> np.ndarray:
+        """``[h, w]`` float32 values of ``window`` of the grid (whole grid when None), NaN where invalid."""
+        if self._reader is None:
+            raise RuntimeError("GridReader.read outside its context (use `with GridReader(...) as r:`)")
+        chip = self._reader.read(window, fill=0)
+        out = chip.data[0].astype(np.float32)
+        out[~chip.valid] = np.nan
+        return out
+
+
 def read_on_grid(path: Any, grid: GridSpec, *, resampling: str = "bilinear", assume_crs: Any = None,
                  band: int | str = 1, nodata: float | None = None) -> np.ndarray:
-    """One band of a raster (canopy height, forest mask...) read on ``grid`` as float32, NaN where invalid."""
-    scene = open_scene(path, crs=assume_crs, nodata=nodata, bands=[band]).with_grid(grid, resampling)
-    chip = scene.read(fill=0)
-    out = chip.data[0].astype(np.float32)
-    out[~chip.valid] = np.nan
-    return out
+    """One band of a raster (canopy height, forest mask...) read on ``grid`` as float32, NaN where invalid.
+
+    The whole grid in memory; :class:`GridReader` reads it window by window.
+    """
+    with GridReader(path, grid, resampling=resampling, assume_crs=assume_crs, band=band, nodata=nodata) as r:
+        return r.read()
 
 
 def forestgapr_loss_labels(

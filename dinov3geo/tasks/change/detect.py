@@ -30,8 +30,24 @@ Outputs in ``out_dir`` (all written atomically; rasters are COGs on the common g
 * ``aoi_summary.csv`` (with an AOI): hectares of loss per AOI feature and in total;
 * ``summary.json``: inputs, grid, dates, overlap, misregistration, threshold, hectares, outputs.
 
-The model runs window by window (memory bounded by the window size). The post-processing (threshold, MMU,
-polygons) holds the probability (4 bytes/pixel) and a few masks (1 byte/pixel) of the grid in memory.
+Memory is bounded by the window and tile sizes, not by the grid: the model runs window by window, and the
+post-processing reads the score back tile by tile (``post_tile`` pixels a side, default 2048) in a few
+passes over the tiles:
+
+1. the range and count of the valid scores (and the valid / AOI hectares);
+2. with Otsu, the histogram of the valid scores over that range (the threshold equals Otsu's on the whole
+   array, see :mod:`~dinov3geo.tasks.change.thresholds`);
+3. probability, change and forest-loss rules per pixel; ``change_prob.tif`` and ``change.tif`` written tile
+   by tile (:class:`~dinov3geo.io.cog.COGWriter`); the regions of the loss (or change) mask labelled per
+   tile and joined across tile edges (:class:`~dinov3geo.tasks.change.windowed.RegionScan`), so the MMU is
+   decided on whole regions;
+4. the MMU applied, ``forest_loss.tif`` written tile by tile, polygons and zonal statistics per tile with
+   regions cut by tile edges dissolved (:class:`~dinov3geo.tasks.change.windowed.PolygonBuilder`).
+
+The results are those of the in-memory reference (:func:`~dinov3geo.tasks.change.deforestation.forest_loss`,
+:func:`~dinov3geo.tasks.change.polygons.change_polygons`) whatever the tile size; the polygon table itself
+grows with the number of polygons. When every valid score is equal (e.g. two identical images) Otsu has
+nothing to separate: the score threshold is infinite, nothing is change, and a warning says so.
 """
 
 from __future__ import annotations
@@ -40,8 +56,10 @@ import json
 import logging
 import math
 import os
+import time
 import warnings
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,26 +69,23 @@ import rasterio
 from rasterio.windows import Window
 
 from dinov3geo.inference import predict_raster
-from dinov3geo.io.cog import write_cog
+from dinov3geo.io.cog import COGWriter
 from dinov3geo.io.grid import GridSpec
 from dinov3geo.io.vector import aoi_geometry, aoi_mask
 from dinov3geo.tasks.change.classic import CVAModel, NDVIDiffModel, band_stats, score_to_probability
 from dinov3geo.tasks.change.coregister import ArrayPair, CoregisteredPair, coregister
-from dinov3geo.tasks.change.deforestation import forest_loss, read_on_grid
+from dinov3geo.tasks.change.deforestation import ForestLoss, GridReader, forest_loss
 from dinov3geo.tasks.change.masking import MaskedSource, masker_from
-from dinov3geo.tasks.change.polygons import (
-    aoi_summary,
-    change_polygons,
-    pixel_area_ha,
-    write_polygons,
-    write_summary,
-)
-from dinov3geo.tasks.change.thresholds import otsu_threshold
-from dinov3geo.utils.atomic import atomic_path, check_writable
+from dinov3geo.tasks.change.polygons import aoi_summary, pixel_area_ha, write_polygons, write_summary
+from dinov3geo.tasks.change.thresholds import ScoreHistogram, ValueRange
+from dinov3geo.tasks.change.windowed import DEFAULT_TILE, PolygonBuilder, RegionScan, tile_windows
+from dinov3geo.utils.atomic import atomic_path
+from dinov3geo.utils.outputs import guard_output, make_output_folder, writes_output_folder
 
 __all__ = ["METHODS", "ChangeResult", "detect_change"]
 
 log = logging.getLogger(__name__)
+_GDAL_CACHE_MB = 64  # GDAL block cache while post-processing (reading the score back, writing the maps)
 
 METHODS = ("classic", "zeroshot", "head")
 DISCLAIMER = ("Pixel counts of a classified map are biased estimates of area; use a sampling-based accuracy "
@@ -94,6 +109,8 @@ class ChangeResult:
         n_polygons: number of polygons.
         pair: the co-registered pair (grid, dates, overlap, misregistration).
         summary: the content of ``summary.json``.
+        timings: wall seconds of the steps (``coregister``, ``model``, ``range``, ``histogram``, ``maps``,
+            ``polygons``, ``write``), for benchmarks and logs.
     """
 
     out_dir: Path
@@ -107,6 +124,7 @@ class ChangeResult:
     n_polygons: int
     pair: CoregisteredPair
     summary: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def _sample_source(src: Any, pair: CoregisteredPair, max_pixels: int = 1_000_000) -> ArrayPair:
@@ -169,22 +187,47 @@ def _build_model(method: str, pair: CoregisteredPair, src: Any, *, classic_metho
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def _read_band(path: Path) -> np.ndarray:
-    with rasterio.open(path) as ds:
-        return ds.read(1, out_dtype="float32")
-
-
 def _uint8_map(mask: np.ndarray, valid: np.ndarray) -> np.ndarray:
     out = np.full(mask.shape, 255, dtype=np.uint8)
     out[valid] = mask[valid].astype(np.uint8)
     return out
 
 
-def _ha(mask: np.ndarray, grid: GridSpec) -> float:
-    rows = mask.sum(axis=1, dtype=np.float64)
-    return float((rows * pixel_area_ha(grid)[:, 0]).sum())
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
+@dataclass
+class _Tile:
+    """The per-pixel maps of one post-processing tile."""
+
+    valid: np.ndarray
+    prob: np.ndarray
+    change: np.ndarray
+    hb: np.ndarray | None
+    ha: np.ndarray | None
+    loss: ForestLoss | None
+
+    @property
+    def target(self) -> np.ndarray:
+        """The mask whose regions get the MMU and become polygons: forest loss when known, else change."""
+        return self.loss.loss_raw if self.loss is not None else self.change
+
+
+#: the dinov3geo folder kind of a change-detection output folder
+CHANGE_KIND = "change"
+
+
+def _change_inputs(a: dict[str, Any]) -> list[Any]:
+    """Everything :func:`detect_change` reads (for the output guard)."""
+    keys = ("before", "after", "aoi", "canopy_before", "canopy_after", "forest_mask", "scl_before", "scl_after",
+            "model", "backbone")
+    return [a.get(k) for k in keys if isinstance(a.get(k), str | os.PathLike | list | tuple)]
+
+
+@writes_output_folder("out_dir", kind=CHANGE_KIND, inputs=_change_inputs, what="change detect",
+                      files=("change_prob.tif", "change.tif", "change_score.tif", "forest_loss.tif",
+                             "loss_polygons.gpkg", "aoi_summary.csv", "summary.json"))
 def detect_change(
     before: Any,
     after: Any,
@@ -226,6 +269,7 @@ def detect_change(
     batch_size: int = 4,
     device: str = "auto",
     progress: bool = True,
+    post_tile: int = DEFAULT_TILE,
 ) -> ChangeResult:
     """Detect change (and forest loss) between two dates and write maps, polygons and a summary.
 
@@ -261,6 +305,8 @@ def detect_change(
         misregistration_threshold_px: warning threshold of the residual shift.
         polygons_name: polygons file name; the suffix picks the format (``.gpkg``, ``.parquet``, ``.geojson``).
         window, batch_size, device, progress: inference-engine settings.
+        post_tile: tile size (pixels) of the windowed post-processing; memory grows with its square (about
+            100-150 MB at 2048), never with the grid. The outputs do not depend on it.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -268,9 +314,25 @@ def detect_change(
         raise ValueError(f"loss_evidence must be 'auto', 'height' or 'prob', got {loss_evidence!r}")
     if (canopy_before is None) != (canopy_after is None) and forest_mask is None and canopy_before is None:
         raise ValueError("canopy_after without canopy_before: forest at date 1 needs canopy_before or forest_mask")
-    out = Path(out_dir)
-    check_writable(out / "summary.json")
+    use_forest = canopy_before is not None or forest_mask is not None
+    use_h = loss_evidence in ("auto", "height") and canopy_before is not None and canopy_after is not None
+    use_p = loss_evidence in ("auto", "prob")
+    if use_forest and loss_evidence == "height" and not use_h:
+        raise ValueError("loss_evidence='height' needs canopy_before and canopy_after")
+    if int(post_tile) < 1:
+        raise ValueError(f"post_tile must be >= 1 pixel, got {post_tile}")
+    out = Path(out_dir)  # guarded and locked (writes_output_folder); created once the model has loaded
+    guard_output(out / polygons_name, _change_inputs(locals()), role="polygons_name")
     caught: list[str] = []
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        now = time.perf_counter()
+        timings[name] = round(now - t0, 3)
+        t0 = now
+
     with warnings.catch_warnings(record=True) as wlist:
         warnings.simplefilter("always")
         pair = coregister(before, after, grid=grid, resampling=resampling, bands=bands, band_names=band_names,
@@ -280,12 +342,14 @@ def detect_change(
         caught.append(str(w.message))
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     g = pair.grid
+    lap("coregister")
     mb = masker_from(scl_before, cloud_test, assume_crs=assume_crs)
     ma = masker_from(scl_after, cloud_test, assume_crs=assume_crs)
     src = pair.source(masks=(mb, ma)) if (mb or ma) else pair.source()
     rmodel, info = _build_model(method, pair, src, classic_method=classic_method, ndvi_direction=ndvi_direction,
                                 model=model, backbone=backbone, value_scale=value_scale, mean=mean, std=std,
                                 layers=layers, device=device)
+    make_output_folder(out, kind=CHANGE_KIND, role="out_dir")
 
     paths: dict[str, Path] = {}
     score_name = "change_score.tif" if method == "classic" else "change_prob.tif"
@@ -294,89 +358,171 @@ def detect_change(
             "method": method}
     predict_raster(rmodel, src, score_path, aoi=aoi, window=window, batch_size=batch_size, device=device,
                    progress=progress, tags=tags)
+    lap("model")
     paths["change_score" if method == "classic" else "change_prob"] = score_path
-    score = _read_band(score_path)
-    valid = np.isfinite(score)
-    if not valid.any():
-        raise ValueError(f"no valid pixel to detect change in (both dates valid, cloud-free"
-                         f"{', inside the AOI' if aoi is not None else ''}); check the inputs and masks")
 
-    # ------------------------------------------------------------------ threshold and probability
-    if threshold is not None:
-        score_thr, thr_src = float(threshold), "given"
-    elif method == "head" and getattr(rmodel, "threshold", None) is not None:
-        score_thr, thr_src = float(rmodel.threshold), "model"
-    else:
-        score_thr, thr_src = otsu_threshold(score, valid), "otsu"
-    if method == "classic":
-        prob = np.where(valid, score_to_probability(score, score_thr), np.nan).astype(np.float32)
-        prob_thr = 0.5
-        paths["change_prob"] = write_cog(out / "change_prob.tif", prob, g, nodata=float("nan"),
-                                         band_names=["change_prob"], tags={**tags, "threshold_on_score": score_thr})
-    else:
-        prob, prob_thr = score, score_thr
-    change = valid & (prob >= prob_thr)
-    paths["change"] = write_cog(out / "change.tif", _uint8_map(change, valid), g, nodata=255, band_names=["change"],
-                                tags={**tags, "threshold": prob_thr}, overview_resampling="nearest")
+    windows = tile_windows(g.height, g.width, int(post_tile))
+    row_area = pixel_area_ha(g)[:, 0]
 
-    # ------------------------------------------------------------------ forest loss
-    hb = ha = fmask = None
-    loss = None
+    def hectares(mask: np.ndarray, win: Window) -> float:
+        r0 = int(win.row_off)
+        return float((mask.sum(axis=1, dtype=np.float64) * row_area[r0 : r0 + int(win.height)]).sum())
+
+    with ExitStack() as stack:
+        # an outer GDAL environment (the readers' own environments then nest in any closing order) with a
+        # small block cache: GDAL's default (5 % of the RAM) would fill up with the score's tiles as the passes
+        # go over a large grid, so memory would grow with the grid up to that cap
+        stack.enter_context(rasterio.Env(GDAL_CACHEMAX=_GDAL_CACHE_MB))
+        sds = stack.enter_context(rasterio.open(score_path))
+
+        def read_score(win: Window) -> np.ndarray:
+            return sds.read(1, window=win, out_dtype="float32")
+
+        # -------------------------------------------------------------- pass 1: valid pixels, score range
+        rng = ValueRange()
+        n_valid, valid_ha = 0, 0.0
+        aoi_ha: float | None = None
+        aoi_geom = aoi_geometry(aoi, g.crs) if aoi is not None else None
+        for win in windows:
+            sc = read_score(win)
+            v = np.isfinite(sc)
+            rng.add(sc, v)
+            n_valid += int(v.sum())
+            valid_ha += hectares(v, win)
+            if aoi_geom is not None:
+                aoi_ha = (aoi_ha or 0.0) + hectares(aoi_mask(aoi_geom, g.window_grid(win)), win)
+        if n_valid == 0:
+            raise ValueError(f"no valid pixel to detect change in (both dates valid, cloud-free"
+                             f"{', inside the AOI' if aoi is not None else ''}); check the inputs and masks")
+        lap("range")
+
+        # -------------------------------------------------------------- pass 2 (Otsu): histogram, threshold
+        if threshold is not None:
+            score_thr, thr_src = float(threshold), "given"
+        elif method == "head" and getattr(rmodel, "threshold", None) is not None:
+            score_thr, thr_src = float(rmodel.threshold), "model"
+        elif rng.constant:
+            score_thr, thr_src = math.inf, "otsu"
+            msg = (f"all {n_valid} valid change scores equal {rng.lo:g}: Otsu has nothing to separate, so nothing "
+                   "is change (threshold set to infinity)")
+            caught.append(msg)
+            log.warning(msg)
+        else:
+            hist = ScoreHistogram(rng.lo, rng.hi)
+            for win in windows:
+                sc = read_score(win)
+                hist.add(sc, np.isfinite(sc))
+            score_thr, thr_src = hist.otsu(), "otsu"
+        prob_thr = 0.5 if method == "classic" else score_thr
+        lap("histogram")
+
+        hb_r = (stack.enter_context(GridReader(canopy_before, g, assume_crs=assume_crs))
+                if canopy_before is not None else None)
+        ha_r = (stack.enter_context(GridReader(canopy_after, g, assume_crs=assume_crs))
+                if canopy_after is not None else None)
+        fm_r = (stack.enter_context(GridReader(forest_mask, g, resampling="nearest", assume_crs=assume_crs))
+                if forest_mask is not None else None)
+
+        def tile_maps(win: Window) -> _Tile:
+            sc = read_score(win)
+            valid = np.isfinite(sc)
+            if method == "classic":
+                prob = np.where(valid, score_to_probability(sc, score_thr), np.nan).astype(np.float32)
+            else:
+                prob = sc
+            change = valid & (prob >= prob_thr)
+            hb = hb_r.read(win) if hb_r is not None else None
+            ha = ha_r.read(win) if ha_r is not None else None
+            fl = None
+            if use_forest:
+                fm = fm_r.read(win) if fm_r is not None else None
+                fl = forest_loss(height_before=hb, height_after=ha if use_h else None,
+                                 forest=None if fm is None else np.where(np.isfinite(fm), fm, 0),
+                                 prob=prob if use_p else None, prob_threshold=prob_thr if use_p else None,
+                                 valid=valid, min_height=min_height, drop_threshold=drop_threshold, combine=combine,
+                                 mmu_ha=0, connectivity=connectivity)
+            return _Tile(valid, prob, change, hb, ha, fl)
+
+        # -------------------------------------------------------------- pass 3: maps, regions across tiles
+        scan = RegionScan(g, int(post_tile), connectivity=connectivity, mmu_ha=mmu_ha, pixel_area=row_area)
+        change_ha = forest_ha = raw_ha = 0.0
+        evidence = ""
+        with ExitStack() as writers:
+            wprob = None
+            if method == "classic":
+                wprob = writers.enter_context(COGWriter(
+                    out / "change_prob.tif", g, 1, "float32", nodata=float("nan"), band_names=["change_prob"],
+                    tags={**tags, "threshold_on_score": score_thr}, gdal_cachemax_mb=_GDAL_CACHE_MB))
+            wchange = writers.enter_context(COGWriter(
+                out / "change.tif", g, 1, "uint8", nodata=255, band_names=["change"],
+                tags={**tags, "threshold": prob_thr}, overview_resampling="nearest", gdal_cachemax_mb=_GDAL_CACHE_MB))
+            for win in windows:
+                t = tile_maps(win)
+                if wprob is not None:
+                    wprob.write(t.prob, win)
+                wchange.write(_uint8_map(t.change, t.valid), win)
+                change_ha += hectares(t.change, win)
+                if t.loss is not None:
+                    forest_ha += hectares(t.loss.forest, win)
+                    raw_ha += hectares(t.loss.loss_raw, win)
+                    evidence = t.loss.evidence
+                scan.add(win, t.target)
+        if method == "classic":
+            paths["change_prob"] = out / "change_prob.tif"
+        paths["change"] = out / "change.tif"
+        plan = scan.finish()
+        lap("maps")
+
+        # -------------------------------------------------------------- pass 4: MMU, forest loss, polygons
+        pb = PolygonBuilder(g, connectivity=connectivity, date_before=pair.date_before, date_after=pair.date_after,
+                            with_prob=True, with_heights=hb_r is not None and ha_r is not None)
+        loss_ha = 0.0
+        with ExitStack() as writers:
+            wloss = None
+            if use_forest:
+                wloss = writers.enter_context(COGWriter(
+                    out / "forest_loss.tif", g, 1, "uint8", nodata=255, band_names=["forest_loss"],
+                    overview_resampling="nearest", gdal_cachemax_mb=_GDAL_CACHE_MB,
+                    tags={**tags, "evidence": evidence, "mmu_ha": mmu_ha, "min_height_m": min_height,
+                          "drop_threshold_m": drop_threshold}))
+            for win in windows:
+                t = tile_maps(win)
+                tr = plan.resolve(win, t.target)
+                if wloss is not None and t.loss is not None:
+                    kept = tr.kept()
+                    wloss.write(_uint8_map(kept, t.loss.valid), win)
+                    loss_ha += hectares(kept, win)
+                pb.add(tr, prob=t.prob, height_before=t.hb, height_after=t.ha)
+        if use_forest:
+            paths["forest_loss"] = out / "forest_loss.tif"
     loss_info: dict[str, Any] | None = None
-    if canopy_before is not None:
-        hb = read_on_grid(canopy_before, g, assume_crs=assume_crs)
-    if canopy_after is not None:
-        ha = read_on_grid(canopy_after, g, assume_crs=assume_crs)
-    if forest_mask is not None:
-        fmask = read_on_grid(forest_mask, g, resampling="nearest", assume_crs=assume_crs)
-    if hb is not None or fmask is not None:
-        use_h = loss_evidence in ("auto", "height") and hb is not None and ha is not None
-        use_p = loss_evidence in ("auto", "prob")
-        if loss_evidence == "height" and not use_h:
-            raise ValueError("loss_evidence='height' needs canopy_before and canopy_after")
-        fl = forest_loss(height_before=hb, height_after=ha if use_h else None,
-                         forest=None if fmask is None else np.where(np.isfinite(fmask), fmask, 0),
-                         prob=prob if use_p else None, prob_threshold=prob_thr if use_p else None,
-                         valid=valid, min_height=min_height, drop_threshold=drop_threshold, combine=combine,
-                         grid=g, mmu_ha=mmu_ha, connectivity=connectivity)
-        loss = fl.loss
-        paths["forest_loss"] = write_cog(out / "forest_loss.tif", _uint8_map(fl.loss, fl.valid), g, nodata=255,
-                                         band_names=["forest_loss"], overview_resampling="nearest",
-                                         tags={**tags, "evidence": fl.evidence, "mmu_ha": mmu_ha,
-                                               "min_height_m": min_height, "drop_threshold_m": drop_threshold})
-        loss_info = {"evidence": fl.evidence, "forest_ha": _ha(fl.forest, g), "loss_ha_before_mmu":
-                     _ha(fl.loss_raw, g), "loss_ha": _ha(fl.loss, g), "min_height_m": min_height,
-                     "drop_threshold_m": drop_threshold, "combine": combine}
+    if use_forest:
+        loss_info = {"evidence": evidence, "forest_ha": forest_ha, "loss_ha_before_mmu": raw_ha, "loss_ha": loss_ha,
+                     "min_height_m": min_height, "drop_threshold_m": drop_threshold, "combine": combine}
 
     # ------------------------------------------------------------------ polygons and summaries
-    target = loss if loss is not None else change
-    polys = change_polygons(target, g, mmu_ha=mmu_ha, connectivity=connectivity, date_before=pair.date_before,
-                            date_after=pair.date_after, prob=prob,
-                            height_before=hb, height_after=ha if hb is not None else None)
-    paths["polygons"] = write_polygons(polys, out / polygons_name, layer="loss" if loss is not None else "change")
+    polys = pb.result(mmu_ha)
+    lap("polygons")
+    paths["polygons"] = write_polygons(polys, out / polygons_name, layer="loss" if use_forest else "change")
     table = aoi_summary(polys, aoi) if aoi is not None else aoi_summary(polys)
     if aoi is not None:
         paths["aoi_summary"] = write_summary(table, out / "aoi_summary.csv")
-    valid_ha = _ha(valid, g)
-    aoi_ha = None
-    if aoi is not None:
-        aoi_ha = _ha(aoi_mask(aoi_geometry(aoi, g.crs), g), g)
-    change_ha = _ha(change, g)
     polygons_ha = float(polys["area_ha"].sum()) if len(polys) else 0.0
     summary = {
         "format": "dinov3geo.change.summary", "version": 1, **info,
         **pair.summary(),
         "aoi": os.fspath(aoi) if isinstance(aoi, str | os.PathLike) else (None if aoi is None else "given"),
         "aoi_ha": aoi_ha,
-        "threshold": {"value": prob_thr, "on": "change_prob", "score_value": score_thr, "source": thr_src},
+        "threshold": {"value": _finite_or_none(prob_thr), "on": "change_prob",
+                      "score_value": _finite_or_none(score_thr), "source": thr_src},
         "masks": {"scl_before": os.fspath(scl_before) if scl_before is not None else None,
                   "scl_after": os.fspath(scl_after) if scl_after is not None else None, "cloud_test": cloud_test,
                   "masked_pixels": sum(s.masked_pixels for s in getattr(src, "sources", [])
                                        if isinstance(s, MaskedSource))},
-        "valid_ha": valid_ha, "valid_fraction": float(valid.mean()),
+        "valid_ha": valid_ha, "valid_fraction": n_valid / (g.width * g.height),
         "change_ha": change_ha, "change_fraction_of_valid": change_ha / valid_ha if valid_ha else math.nan,
         "forest_loss": loss_info,
-        "polygons": {"what": "forest_loss" if loss is not None else "change", "n": len(polys), "area_ha": polygons_ha,
+        "polygons": {"what": "forest_loss" if use_forest else "change", "n": len(polys), "area_ha": polygons_ha,
                      "mmu_ha": mmu_ha, "connectivity": connectivity},
         "per_aoi": json.loads(table.to_json(orient="records")),
         "warnings": caught,
@@ -386,5 +532,9 @@ def detect_change(
     with atomic_path(out / "summary.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=1, default=str))
     paths["summary"] = out / "summary.json"
+    lap("write")
+    log.info("change detection steps (s): %s; %d tiles of %d px, %d regions across tile edges", timings,
+             len(windows), int(post_tile), plan.n_components)
     return ChangeResult(out, paths, float(prob_thr), float(score_thr), thr_src, change_ha,
-                        loss_info["loss_ha"] if loss_info else None, polygons_ha, len(polys), pair, summary)
+                        loss_info["loss_ha"] if loss_info else None, polygons_ha, len(polys), pair, summary,
+                        timings)

@@ -186,6 +186,7 @@ class ChangeRasterModel(RasterModel):
         self._norm = _Normalise(value_scale, per_date_stats(mean, c, "mean"), per_date_stats(std, c, "std"))
         self.threshold = threshold
         self.receptive_margin = 2 * model.stride if receptive_margin is None else int(receptive_margin)
+        self.global_context = True  # features of a ViT backbone: each depends on the whole window
         self.info = dict(info or {})
 
     def preprocess(self, x: Tensor, valid: Tensor) -> Tensor:
@@ -303,7 +304,9 @@ def read_change_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         ck = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means "not our file"
-        raise ValueError(f"{p} is not a readable change-head checkpoint: {e}") from e
+        from dinov3geo.models.checkpoint import describe_load_error
+
+        raise ValueError(f"not a readable change-head checkpoint: {describe_load_error(p, e)}") from e
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
         raise ValueError(f"{p} is not a dinov3geo change-head checkpoint (format {FORMAT!r}); "
                          "train one with `dinov3geo change train CONFIG`")

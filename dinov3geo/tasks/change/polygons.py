@@ -13,10 +13,13 @@ smaller than the minimum mapping unit (default 0.1 ha, the RADD alert MMU), poly
 * ``n_pixels``.
 
 Zonal statistics come from the region labels directly (``np.bincount``), so each pixel counts exactly once.
-The binary raster is held in memory (1 byte per pixel, plus 4 for the labels).
+The binary raster is held in memory (1 byte per pixel, plus 4 for the labels): this is the in-memory
+reference. Rasters of any size go through :mod:`~dinov3geo.tasks.change.windowed` (tile by tile, regions cut
+by tile edges merged, the same polygons), which :func:`~dinov3geo.tasks.change.detect.detect_change` uses;
+both build their table with :func:`polygon_frame`.
 
 :func:`aoi_summary` sums polygon hectares per AOI feature (polygons clipped to each AOI) plus a total, and
-writes it as CSV or JSON.
+writes it as CSV or JSON; :class:`AOISummary` does the same batch by batch.
 """
 
 from __future__ import annotations
@@ -40,10 +43,12 @@ from dinov3geo.io.vector import area_ha, read_vector, write_vector
 from dinov3geo.utils.atomic import atomic_path
 
 __all__ = [
+    "AOISummary",
     "aoi_summary",
     "change_polygons",
     "label_regions",
     "pixel_area_ha",
+    "polygon_frame",
     "remove_small_regions",
     "write_polygons",
     "write_summary",
@@ -177,8 +182,6 @@ def change_polygons(
     geom_list = [geoms[int(k)] for k in ids]
     geom_list = [g if g.is_valid else shapely.make_valid(g) for g in geom_list]
     cols["n_pixels"] = np.bincount(labels.ravel(), minlength=n + 1)[1:].astype(np.int64)
-    cols["date_before"] = [date_before] * n
-    cols["date_after"] = [date_after] * n
     if prob is not None:
         cols["mean_prob"] = _zonal_mean(labels, n, prob)[1:]
     if height_before is not None and height_after is not None:
@@ -188,9 +191,44 @@ def change_polygons(
         cols["max_height_drop"] = _zonal_max(labels, n, drop)[1:]
         cols["mean_height_before"] = _zonal_mean(labels, n, hb)[1:]
         cols["mean_height_after"] = _zonal_mean(labels, n, ha)[1:]
-    gdf = gpd.GeoDataFrame(cols, geometry=gpd.GeoSeries(geom_list, crs=grid.crs), crs=grid.crs)
+    return polygon_frame(geom_list, cols, grid.crs, mmu_ha=mmu_ha, date_before=date_before, date_after=date_after)
+
+
+def polygon_frame(
+    geoms: list[Any],
+    cols: dict[str, Any],
+    crs: Any,
+    *,
+    mmu_ha: float = 0.1,
+    date_before: str | None = None,
+    date_after: str | None = None,
+) -> gpd.GeoDataFrame:
+    """The polygon table of :func:`change_polygons` from region geometries and their zonal columns.
+
+    Adds ``area_ha`` (:func:`dinov3geo.io.vector.area_ha` of each geometry) and the dates, drops polygons
+    smaller than ``mmu_ha`` (the pixel-area sum and the polygon area agree to rounding; the polygon decides),
+    sorts by decreasing area (stable: regions of equal area keep the given order, the raster-scan order of
+    their first pixel) and numbers them ``id`` 1..n.
+
+    Args:
+        geoms: one geometry per region, in ``crs``.
+        cols: ``n_pixels`` and the optional zonal columns (``mean_prob``, ``mean_height_drop``,
+            ``max_height_drop``, ``mean_height_before``, ``mean_height_after``), one value per region.
+        crs: CRS of the geometries.
+        mmu_ha: minimum mapping unit in hectares (0: keep all).
+        date_before, date_after: dates written to every feature.
+    """
+    n = len(geoms)
+    order = ["n_pixels", "mean_prob", "mean_height_drop", "max_height_drop", "mean_height_before",
+             "mean_height_after"]
+    data: dict[str, Any] = {"n_pixels": np.asarray(cols.get("n_pixels", np.zeros(n)), dtype=np.int64),
+                            "date_before": [date_before] * n, "date_after": [date_after] * n}
+    for k in order[1:]:
+        if k in cols:
+            data[k] = np.asarray(cols[k], dtype=np.float64)
+    gdf = gpd.GeoDataFrame(data, geometry=gpd.GeoSeries(list(geoms), crs=crs), crs=crs)
     gdf.insert(0, "area_ha", area_ha(gdf).to_numpy() if n else np.zeros(0))
-    if n and mmu_ha > 0:  # the pixel-area sum and the polygon area agree to rounding; the polygon decides
+    if n and mmu_ha > 0:
         gdf = gdf[gdf["area_ha"] >= mmu_ha * (1 - 1e-9)]
     gdf = gdf.sort_values("area_ha", ascending=False, kind="stable").reset_index(drop=True)
     gdf.insert(0, "id", np.arange(1, len(gdf) + 1, dtype=np.int64))
@@ -203,6 +241,75 @@ def write_polygons(gdf: gpd.GeoDataFrame, path: str | os.PathLike[str], layer: s
     An empty result is written too (a valid file with no features), so "no change" is explicit.
     """
     return write_vector(gdf, path, layer=layer)
+
+
+class AOISummary:
+    """:func:`aoi_summary` batch by batch: :meth:`add` polygon batches (e.g. tile by tile), then :meth:`table`.
+
+    Each AOI feature's hectares are the sum over batches of the polygons clipped to it, so memory holds one
+    batch at a time. Adding all polygons as one batch gives exactly :func:`aoi_summary`.
+
+    Args:
+        aoi: AOI polygons (file or GeoDataFrame); None gives only the total.
+        crs: CRS of the polygons to come (the AOI is reprojected to it once); None keeps the AOI's CRS.
+        id_field: AOI attribute naming each feature (default: ``name``/``id`` when present, else the row number).
+    """
+
+    def __init__(
+        self,
+        aoi: str | os.PathLike[str] | gpd.GeoDataFrame | None = None,
+        crs: Any = None,
+        *,
+        id_field: str | None = None,
+    ) -> None:
+        self.crs = crs
+        self._aoi: gpd.GeoDataFrame | None = None
+        self._names: list[str] = []
+        self._aoi_ha: list[float] = []
+        if aoi is not None:
+            a = read_vector(aoi) if isinstance(aoi, str | os.PathLike) else aoi
+            if a.crs is None:
+                raise ValueError("the AOI has no CRS; set it before summarising")
+            if id_field is None:
+                id_field = next((c for c in ("name", "id", "aoi", "NAME") if c in a.columns), None)
+            elif id_field not in a.columns:
+                raise KeyError(f"AOI attribute {id_field!r} not found; attributes are {list(a.columns)}")
+            a = a.to_crs(crs) if crs is not None else a
+            aha = area_ha(a)
+            for i, (idx, feat) in enumerate(a.iterrows()):
+                self._names.append(str(feat[id_field]) if id_field else str(i))
+                self._aoi_ha.append(float(aha.loc[idx]))
+            self._aoi = a
+        self._loss = [0.0] * len(self._names)
+        self._count = [0] * len(self._names)
+        self._total_ha = 0.0
+        self._total_n = 0
+
+    def add(self, polygons: gpd.GeoDataFrame) -> None:
+        """Add a batch of polygons (output of :func:`change_polygons`, in the summary's CRS)."""
+        if not len(polygons):
+            return
+        self._total_ha += float(polygons["area_ha"].sum())
+        self._total_n += len(polygons)
+        if self._aoi is None:
+            return
+        geoms = polygons.geometry.values
+        for i, geom in enumerate(self._aoi.geometry.values):
+            clipped = shapely.intersection(geoms, geom)
+            nonempty = [g for g in clipped if not g.is_empty]
+            if nonempty:
+                self._loss[i] += float(area_ha(gpd.GeoSeries(nonempty, crs=polygons.crs)).sum())
+                self._count[i] += len(nonempty)
+
+    def table(self) -> pd.DataFrame:
+        """Columns ``aoi``, ``aoi_area_ha``, ``loss_ha``, ``loss_fraction``, ``n_polygons``; last row ``total``."""
+        rows: list[dict[str, Any]] = []
+        for name, total, loss, n in zip(self._names, self._aoi_ha, self._loss, self._count, strict=True):
+            rows.append({"aoi": name, "aoi_area_ha": total, "loss_ha": loss,
+                         "loss_fraction": loss / total if total > 0 else math.nan, "n_polygons": n})
+        rows.append({"aoi": "total", "aoi_area_ha": math.nan, "loss_ha": self._total_ha, "loss_fraction": math.nan,
+                     "n_polygons": self._total_n})
+        return pd.DataFrame(rows)
 
 
 def aoi_summary(
@@ -221,30 +328,11 @@ def aoi_summary(
     Returns:
         columns ``aoi``, ``aoi_area_ha``, ``loss_ha``, ``loss_fraction``, ``n_polygons`` (polygons intersecting
         the AOI). Polygons are clipped to each AOI before measuring; the total is over all polygons (inside
-        the processed area).
+        the processed area). :class:`AOISummary` computes the same batch by batch.
     """
-    rows: list[dict[str, Any]] = []
-    if aoi is not None:
-        a = read_vector(aoi) if isinstance(aoi, str | os.PathLike) else aoi
-        if a.crs is None:
-            raise ValueError("the AOI has no CRS; set it before summarising")
-        if id_field is None:
-            id_field = next((c for c in ("name", "id", "aoi", "NAME") if c in a.columns), None)
-        elif id_field not in a.columns:
-            raise KeyError(f"AOI attribute {id_field!r} not found; attributes are {list(a.columns)}")
-        a = a.to_crs(polygons.crs) if polygons.crs is not None else a
-        aoi_ha = area_ha(a)
-        geoms = polygons.geometry.values
-        for i, (idx, feat) in enumerate(a.iterrows()):
-            clipped = shapely.intersection(geoms, feat.geometry) if len(geoms) else np.array([])
-            nonempty = [g for g in clipped if not g.is_empty]
-            loss = float(area_ha(gpd.GeoSeries(nonempty, crs=polygons.crs)).sum()) if nonempty else 0.0
-            total = float(aoi_ha.loc[idx])
-            rows.append({"aoi": str(feat[id_field]) if id_field else str(i), "aoi_area_ha": total, "loss_ha": loss,
-                         "loss_fraction": loss / total if total > 0 else math.nan, "n_polygons": len(nonempty)})
-    rows.append({"aoi": "total", "aoi_area_ha": math.nan, "loss_ha": float(polygons["area_ha"].sum())
-                 if len(polygons) else 0.0, "loss_fraction": math.nan, "n_polygons": len(polygons)})
-    return pd.DataFrame(rows)
+    acc = AOISummary(aoi, polygons.crs, id_field=id_field)
+    acc.add(polygons)
+    return acc.table()
 
 
 def write_summary(table: pd.DataFrame, path: str | os.PathLike[str]) -> Path:

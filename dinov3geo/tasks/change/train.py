@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor
 
 from dinov3geo.tasks.change.datasets import (
@@ -183,8 +182,9 @@ def load_change_config(source: str | os.PathLike[str] | Mapping[str, Any] | Chan
         base = Path(source)
         if not base.is_file():
             raise FileNotFoundError(f"change-training config {base} does not exist")
-        with open(base) as f:
-            raw = yaml.safe_load(f) or {}
+        from dinov3geo.utils.config import load_yaml
+
+        raw = load_yaml(base, "change-training config") or {}
         if not isinstance(raw, Mapping):
             raise ValueError(f"{base}: the config must be a YAML mapping")
     raw = apply_overrides(copy.deepcopy(dict(raw)), overrides)
@@ -324,12 +324,29 @@ def _state_path(out: Path) -> Path:
 def train_change_head(config: str | os.PathLike[str] | Mapping[str, Any] | ChangeTrainConfig,
                       overrides: Sequence[str] = ()) -> Path:
     """Train a change head (see the module docstring) and return the checkpoint path."""
-    from dinov3geo.utils.atomic import atomic_path, check_writable
-    from dinov3geo.utils.progress import progress_bar
+    from dinov3geo.utils.atomic import check_writable
+    from dinov3geo.utils.locks import output_lock
+    from dinov3geo.utils.outputs import guard_output
 
     cfg = load_change_config(config, overrides)
+    inputs: list[Any] = [v for p in [*cfg.data.train, *cfg.data.val] for v in p.values()
+                         if isinstance(v, str | os.PathLike)]
+    if cfg.backbone.weights:
+        inputs.append(cfg.backbone.weights)
+    if isinstance(config, str | os.PathLike):
+        inputs.append(config)
+    out = guard_output(cfg.output, inputs, role="output")
+    guard_output(_state_path(out), inputs, role="training state")
+    with output_lock(out, what="change train"):
+        return _train_change_head(cfg, check_writable(out))
+
+
+def _train_change_head(cfg: ChangeTrainConfig, out: Path) -> Path:
+    """:func:`train_change_head` once the output is checked and locked."""
+    from dinov3geo.utils.atomic import atomic_path
+    from dinov3geo.utils.progress import progress_bar
+
     t = cfg.train
-    out = check_writable(cfg.output)
     if t.threads:
         torch.set_num_threads(int(t.threads))
     torch.manual_seed(t.seed)
@@ -366,7 +383,13 @@ def train_change_head(config: str | os.PathLike[str] | Mapping[str, Any] | Chang
     start_epoch = 0
     state_file = _state_path(out)
     if t.resume and state_file.exists():
-        st = torch.load(state_file, map_location="cpu", weights_only=True)
+        try:
+            st = torch.load(state_file, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds
+            from dinov3geo.models.checkpoint import describe_load_error
+
+            raise ValueError(f"cannot resume the change-head training: {describe_load_error(state_file, e)}; "
+                             "delete it (or set train.resume: false) to start over") from e
         head.load_state_dict(st["head"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
@@ -481,40 +504,3 @@ def _version() -> str:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def add_train_parser(sub: Any) -> Any:
-    """Register ``train`` on the ``dinov3geo change`` sub-parsers (``sub`` = its ``add_subparsers()``)."""
-    p = sub.add_parser(
-        "train",
-        help="train a change head on frozen DINOv3 features from a YAML config",
-        description="Train the bi-temporal change head (frozen backbone, BCE + Dice, threshold chosen on "
-        "validation) from a YAML config: output, data.{train,val,val_fraction,bands}, "
-        "backbone.{weights,arch,layers,upscale,normalization,value_scale,include_in_checkpoint}, "
-        "head.{hidden,detail_channels}, train.{crop_size,crops,epochs,batch_size,lr,...}. Unknown keys are "
-        "errors. The checkpoint loads with dinov3geo.tasks.change.head.load_change_model.",
-    )
-    p.add_argument("config", help="YAML config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set train.epochs=5 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue from <output>.state.pt if present")
-    p.set_defaults(func=run_train_cli)
-    return p
-
-
-def run_train_cli(args: Any) -> int:
-    """``dinov3geo change train CONFIG``: train, then print the checkpoint path, threshold and validation F1."""
-    from dinov3geo.tasks.change.head import read_change_checkpoint
-
-    overrides = list(args.overrides)
-    if args.resume:
-        overrides.append("train.resume=true")
-    if getattr(args, "quiet", False):
-        overrides.append("train.progress_bar=false")
-    path = train_change_head(args.config, overrides)
-    ck = read_change_checkpoint(path)
-    val = ck["train"].get("validation", {})
-    if not getattr(args, "quiet", False):
-        f1 = val.get("f1")
-        print(f"change head: {path}")
-        print(f"  threshold {ck['threshold']:.3f}; validation F1 {f1:.3f}" if isinstance(f1, float)
-              else f"  threshold {ck['threshold']:.3f}; {val.get('note', 'no validation metrics')}")
-    return 0

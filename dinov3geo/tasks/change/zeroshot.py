@@ -175,6 +175,7 @@ class ZeroShotChange(RasterModel):
         self.upscale = int(upscale)
         self.stride = _stride(self.backbone, self.upscale)
         self.receptive_margin = 2 * self.stride if receptive_margin is None else int(receptive_margin)
+        self.global_context = True  # features of a ViT backbone: each depends on the whole window
 
     def preprocess(self, x: Tensor, valid: Tensor) -> Tensor:
         if x.shape[1] != self.in_bands:

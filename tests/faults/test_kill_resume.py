@@ -344,3 +344,67 @@ def test_pretrain_api_turns_ctrl_c_into_keyboard_interrupt(tmp_path, neon_store,
         signal.signal(signal.SIGINT, before)
     assert "Detected KeyboardInterrupt" not in caplog.text
     assert not (tmp_path / "run" / "backbone.pth").exists() and not (tmp_path / ".run.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------- change detect
+def _after_date(before: Path, path: Path) -> Path:
+    """The same strip with a cleared patch every 1000 px (loss to find)."""
+    with rasterio.open(before) as src:
+        data, profile = src.read(), src.profile
+    data[:, 30:100, ::1000] = 20
+    for c in range(0, data.shape[2], 1000):
+        data[:, 30:100, c : c + 60] = 20
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
+def _change_outputs(out: Path) -> dict:
+    import geopandas as gpd
+
+    res = {p.name: p.read_bytes() for p in sorted(out.glob("*.tif"))}
+    g = gpd.read_file(out / "loss_polygons.gpkg")
+    res["polygons"] = g.drop(columns="geometry").to_json() + "|" + g.geometry.to_wkt().str.cat(sep=";")
+    summary = json.loads((out / "summary.json").read_text())
+    summary.pop("timings", None)
+    res["summary"] = json.dumps(summary, sort_keys=True, default=str)
+    return res
+
+
+def test_change_detect_survives_ctrl_c_and_kill_9(tmp_path, backbone_file, one_thread, capsys):
+    before = neon_strip(tmp_path / "before.tif", 128, 6)
+    after = _after_date(before, tmp_path / "after.tif")
+    weights = tmp_path / "backbone.pt"
+    weights.write_bytes(backbone_file.read_bytes())
+    inputs = {p: sha(p) for p in (before, after, weights)}
+    args = ["change", "detect", "--before", str(before), "--after", str(after), "--method", "zeroshot",
+            "--backbone", str(weights), "--value-scale", str(1 / 255), "--window", "128", "--mmu-ha", "0"]
+
+    assert main(["-q", *args, "--out", str(tmp_path / "ref")]) == 0
+    capsys.readouterr()
+
+    out = tmp_path / "change"
+    parts = out / "change_prob.tif.parts"
+    cmd = cli("-q", *args, "--out", str(out))
+    res = signal_when(cmd, lambda: manifest_done(parts) >= 1, signal.SIGINT, cwd=tmp_path)
+    assert_interrupted(res)
+    a = manifest_done(parts)
+    assert a >= 1 and not (out / "summary.json").exists(), a
+
+    res = signal_when(cmd, lambda: manifest_done(parts) >= a + 1, signal.SIGKILL, cwd=tmp_path)
+    assert_killed(res)
+    b = manifest_done(parts)
+    assert b > a and not (out / "summary.json").exists(), (a, b)
+
+    assert main(["-v", *args, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert b < _resumed(err, f"resuming {out / 'change_prob.tif'}: {b} of "), err[-3000:]  # blocks were left
+    ref, got = _change_outputs(tmp_path / "ref"), _change_outputs(out)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        if k == "summary":  # the output folder's own name is recorded in it
+            assert got[k].replace(str(out), "OUT") == ref[k].replace(str(tmp_path / "ref"), "OUT"), k
+        else:
+            assert got[k] == ref[k], k
+    assert {p: sha(p) for p in inputs} == inputs
+    _no_leftovers(out, "change_prob", "change_prob.tif", "change", "change.tif")

@@ -1076,7 +1076,12 @@ def predict_raster(
     guard_output(parts_dir(out), [source, *aoi_path, *protect], folder=True, kind=PARTS_KIND,
                  role="parts folder")
     with _disk_full_errors(out), output_lock(out, what="predict"):
-        return _predict_raster(model, source, out, **kw)
+        try:
+            return _predict_raster(model, source, out, **kw)
+        except NoValidDataError:  # nothing to resume: leave nothing behind
+            with contextlib.suppress(OSError):
+                remove_owned(parts_dir(out), kinds=[PARTS_KIND])
+            raise
 
 
 @contextlib.contextmanager

@@ -141,7 +141,7 @@ def test_all_nodata_image_is_refused_not_mapped(make_raster, canopy_model, tmp_p
     out = tmp_path / "chm.tif"
     _refused(capsys, ["-q", "canopy", "predict", "--image", str(img), "--model", str(canopy_model),
                       "--window", "192", "--out", str(out)], "no valid pixel", "empty.tif")
-    assert not out.exists() and not list(tmp_path.glob(".chm*"))
+    assert not out.exists() and not list(tmp_path.glob(".chm*")) and not list(tmp_path.glob("chm*"))
 
 
 def test_second_writer_of_one_output_is_refused_naming_the_first(make_raster, canopy_model, tmp_path):

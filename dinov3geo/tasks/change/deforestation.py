@@ -175,20 +175,26 @@ class NDVIForest:
         grid: the image grid.
         threshold: the NDVI threshold used.
         path: the written mask COG (uint8: 1 forest, 0 not forest, 255 nodata) or None.
+
+    ``forest``, ``valid`` and ``ndvi`` are None when the mask was made window by window into a file without
+    keeping the arrays (``keep_arrays``): a region's mask never has to fit in memory.
     """
 
-    forest: np.ndarray
-    valid: np.ndarray
-    ndvi: np.ndarray
+    forest: np.ndarray | None
+    valid: np.ndarray | None
+    ndvi: np.ndarray | None
     grid: GridSpec
     threshold: float
     path: Path | None = None
+    n_valid: int = -1  #: valid pixels (counted window by window when the arrays are not kept)
+    n_forest: int = -1  #: forest pixels
 
     @property
     def forest_fraction(self) -> float:
         """Share of the valid pixels that are forest (NaN when none is valid)."""
-        n = int(self.valid.sum())
-        return float(self.forest.sum() / n) if n else float("nan")
+        n = int(self.valid.sum()) if self.valid is not None else self.n_valid
+        f = int(self.forest.sum()) if self.forest is not None else self.n_forest
+        return float(f / n) if n > 0 else float("nan")
 
 
 def ndvi_forest_mask(
@@ -201,6 +207,8 @@ def ndvi_forest_mask(
     band_names: Sequence[str] | None = None,
     nodata: float | None = None,
     assume_crs: Any = None,
+    keep_arrays: bool | None = None,
+    window: int = 2048,
 ) -> NDVIForest:
     """Date-1 forest mask from the red and near-infrared bands of an image: ``NDVI >= threshold``.
 
@@ -219,6 +227,10 @@ def ndvi_forest_mask(
             (e.g. ``["swir16", "nir", "red", "green"]``).
         nodata: nodata override for files that declare none or a wrong one.
         assume_crs: CRS for files without one.
+        keep_arrays: return the ``forest`` / ``valid`` / ``ndvi`` arrays. Default: only when no ``out`` is
+            given or the grid has at most 25 million pixels. Without them, the image is read and the mask
+            written ``window x window`` pixels at a time (memory bounded by the window, not the region).
+        window: side of those windows in pixels.
 
     Raises:
         ValueError: the threshold is outside ``[-1, 1]``, or a band is missing (the message lists the bands).
@@ -232,23 +244,48 @@ def ndvi_forest_mask(
         raise ValueError(f"{image}: cannot find the red band {red!r} and the NIR band {nir!r} (bands: "
                          f"{list(scene.band_names)}; {e}); pass red=/nir= (band names or 1-based indices), or "
                          "band_names=[...] for a file without band names") from e
-    chip = sel.read(fill=0)
-    r, n = chip.data[0].astype(np.float32), chip.data[1].astype(np.float32)
-    v = np.asarray(chip.valid, bool)
-    nd = ndvi(r, n)
-    v &= np.isfinite(nd)
-    nd[~v] = np.nan
-    forest = v & (nd >= threshold)
-    path = None
-    if out is not None:
-        from dinov3geo.io.cog import write_cog
+    g = scene.grid
+    if keep_arrays is None:
+        keep_arrays = out is None or g.width * g.height <= 25_000_000
+    if out is None and not keep_arrays:
+        raise ValueError("keep_arrays=False needs an output file (out=...)")
+    tags = {"dinov3geo_task": "forest_mask", "rule": f"NDVI >= {threshold:g}",
+            "source": os.fspath(image) if isinstance(image, str | os.PathLike) else ""}
 
-        arr = np.full(forest.shape, 255, np.uint8)
-        arr[v] = forest[v]
-        path = write_cog(out, arr, scene.grid, nodata=255, band_names=["forest"], overview_resampling="nearest",
-                         tags={"dinov3geo_task": "forest_mask", "rule": f"NDVI >= {threshold:g}",
-                               "source": os.fspath(image) if isinstance(image, str | os.PathLike) else ""})
-    return NDVIForest(forest, v, nd, scene.grid, float(threshold), path)
+    def classify(win: Window | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        chip = sel.read(window=win, fill=0) if win is not None else sel.read(fill=0)
+        v = np.asarray(chip.valid, bool)
+        nd = ndvi(chip.data[0].astype(np.float32), chip.data[1].astype(np.float32))
+        v &= np.isfinite(nd)
+        nd[~v] = np.nan
+        return v & (nd >= threshold), v, nd
+
+    if keep_arrays:
+        forest, v, nd = classify(None)
+        path = None
+        if out is not None:
+            from dinov3geo.io.cog import write_cog
+
+            arr = np.full(forest.shape, 255, np.uint8)
+            arr[v] = forest[v]
+            path = write_cog(out, arr, g, nodata=255, band_names=["forest"], overview_resampling="nearest",
+                             tags=tags)
+        return NDVIForest(forest, v, nd, g, float(threshold), path, int(v.sum()), int(forest.sum()))
+    from dinov3geo.io.cog import COGWriter
+
+    n_valid = n_forest = 0
+    with COGWriter(out, g, 1, "uint8", nodata=255, band_names=["forest"], overview_resampling="nearest",
+                   tags=tags) as wr:
+        for r0 in range(0, g.height, window):
+            for c0 in range(0, g.width, window):
+                win = Window(c0, r0, min(window, g.width - c0), min(window, g.height - r0))
+                forest, v, _ = classify(win)
+                arr = np.full(forest.shape, 255, np.uint8)
+                arr[v] = forest[v]
+                wr.write(arr[None], win)
+                n_valid += int(v.sum())
+                n_forest += int(forest.sum())
+    return NDVIForest(None, None, None, g, float(threshold), Path(out), n_valid, n_forest)
 
 
 class GridReader:

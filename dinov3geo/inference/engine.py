@@ -55,7 +55,7 @@ from dinov3geo.io.cog import DISK_FULL_ERRNOS, COGWriter, disk_full_error, free_
 from dinov3geo.io.errors import OutputError
 from dinov3geo.io.grid import GridSpec
 from dinov3geo.io.vector import aoi_geometry, aoi_mask
-from dinov3geo.utils.atomic import check_writable
+from dinov3geo.utils.atomic import check_writable, remove_if_writer_dead
 from dinov3geo.utils.locks import output_lock
 from dinov3geo.utils.memory import keep_freed_memory as _keep_freed_memory
 from dinov3geo.utils.outputs import folder_kind, guard_output, input_paths, mark_folder, remove_owned
@@ -894,17 +894,7 @@ def _remove_stale_staging(out: Path) -> None:
         parts = p.name[len(stem) + 2 :].split("-")
         if len(parts) < 3 or not parts[1].isdigit():
             continue
-        pid = int(parts[1])
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            log.info("removing %s left by a killed run", p)
-            with contextlib.suppress(OSError):
-                p.unlink()
-        except PermissionError:  # another user's live process
-            continue
+        remove_if_writer_dead(p, int(parts[1]), log)
 
 
 def _read_threads(requested: int | None, device: torch.device) -> int:

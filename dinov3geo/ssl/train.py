@@ -43,7 +43,7 @@ from dinov3geo.ssl.config import SSLConfig
 from dinov3geo.ssl.data import build_dataloader
 from dinov3geo.ssl.module import SSLModule
 from dinov3geo.ssl.precision import PRECISIONS, lightning_precision, param_dtype
-from dinov3geo.utils.atomic import remove_quietly, temp_sibling
+from dinov3geo.utils.atomic import remove_if_writer_dead, remove_quietly, temp_sibling
 from dinov3geo.utils.locks import output_lock
 from dinov3geo.utils.memory import keep_freed_memory
 from dinov3geo.utils.outputs import guard_output, make_output_folder
@@ -106,15 +106,7 @@ def _remove_stale_checkpoint_temps(ckpt_dir: Path) -> None:
             pid = int(p.name.split(".tmp-", 1)[1].split("-", 1)[0])
         except (IndexError, ValueError):
             continue
-        if pid == os.getpid():
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            log.info("removing %s left by a killed run", p)
-            remove_quietly(p)
-        except PermissionError:  # another user's live process
-            continue
+        remove_if_writer_dead(p, pid, log)
 
 
 class _DropMessages(logging.Filter):

@@ -17,10 +17,11 @@ import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from dinov3geo.io.errors import OutputError
 
-__all__ = ["atomic_path", "check_writable", "temp_sibling", "remove_quietly"]
+__all__ = ["atomic_path", "check_writable", "remove_if_writer_dead", "temp_sibling", "remove_quietly"]
 
 
 def _multi_suffix(name: str) -> str:
@@ -55,6 +56,24 @@ def remove_quietly(path: str | os.PathLike[str]) -> None:
                 shutil.rmtree(cand, ignore_errors=True)
             else:
                 cand.unlink()
+
+
+def remove_if_writer_dead(path: str | os.PathLike[str], pid: int, log: Any = None) -> bool:
+    """Remove ``path``, a temporary file written by process ``pid`` (its name says so), if that process no longer
+    exists: what a killed run leaves behind. Never this process's own files, nor those of live processes (of
+    any user). Returns whether it was removed."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        if log is not None:
+            log.info("removing %s left by a killed run", path)
+        remove_quietly(path)
+        return True
+    except PermissionError:  # another user's live process
+        return False
+    return False
 
 
 def check_writable(path: str | os.PathLike[str], create_parents: bool = True) -> Path:

@@ -64,30 +64,54 @@ def test_oscd_multiband_run_with_upscale_and_val_split(shared_data, tmp_path):
     assert m.in_bands == 8 and m.model.stride == 4
 
 
-def test_resume_continues_from_the_epoch_state(shared_data, tmp_path):
-    cfg = _levir_cfg(shared_data, tmp_path, epochs=2, crops=8)
-    out = train_change_head(cfg)
-    full = read_change_checkpoint(out)["train"]["loss_history"]
-    # simulate an interrupted 2-epoch run: state after epoch 1 exists, then resume
-    cfg1 = _levir_cfg(shared_data, tmp_path / "b", epochs=2, crops=8)
-    (tmp_path / "b").mkdir()
-    from dinov3geo.tasks.change import train as tr
+@pytest.mark.parametrize("cache_features", [True, False])
+def test_resume_after_an_interrupt_mid_run_equals_an_uninterrupted_run(shared_data, tmp_path, cache_features):
+    """Interrupted right after epoch 1 of 3 (the state file of epoch 1 is written, then Ctrl-C), resumed: the
+    final head weights are bitwise those of an uninterrupted 3-epoch run (cached features, or fresh crops
+    drawn every epoch from the (seed, epoch) RNG)."""
+    import contextlib
 
-    orig = tr.save_change_model
+    from dinov3geo.utils import atomic
 
-    def boom(*a, **k):
-        raise KeyboardInterrupt
+    torch.set_num_threads(1)  # same reduction order in both runs
+    over = {"epochs": 3, "crops": 8, "cache_features": cache_features}
+    full = read_change_checkpoint(train_change_head(_levir_cfg(shared_data, tmp_path / "full", **over)))
 
-    tr.save_change_model = boom
+    cfg = _levir_cfg(shared_data, tmp_path / "cut", **over)
+    (tmp_path / "cut").mkdir()
+    state = tmp_path / "cut/head.pt.state.pt"
+    orig = atomic.atomic_path
+    saved = []
+
+    @contextlib.contextmanager
+    def interrupt_after_first_epoch(final, *a, **k):
+        with orig(final, *a, **k) as tmp:
+            yield tmp
+        if str(final).endswith(".state.pt"):
+            saved.append(torch.load(final, weights_only=True)["epoch"])
+            if len(saved) == 1:
+                raise KeyboardInterrupt  # at the epoch boundary, once epoch 1 is safely on disk
+
+    atomic.atomic_path = interrupt_after_first_epoch
     try:
         with pytest.raises(KeyboardInterrupt):
-            train_change_head(cfg1)
+            train_change_head(cfg)
     finally:
-        tr.save_change_model = orig
-    st = torch.load(tmp_path / "b/head.pt.state.pt", weights_only=True)
-    assert st["epoch"] == 2 and not (tmp_path / "b/head.pt").exists()
-    resumed = train_change_head(cfg1, ["train.resume=true"])
-    assert read_change_checkpoint(resumed)["train"]["loss_history"] == pytest.approx(full)
+        atomic.atomic_path = orig
+    assert saved == [1]
+    st = torch.load(state, weights_only=True)
+    assert st["epoch"] == 1 and len(st["history"]) == 1 and not (tmp_path / "cut/head.pt").exists()
+    # the interrupted run's head differs from the finished one: the resume has real work left to do
+    assert any(not torch.equal(v, full["head"]["state_dict"][k]) for k, v in st["head"].items())
+
+    resumed = read_change_checkpoint(train_change_head(cfg, ["train.resume=true"]))
+    assert resumed["train"]["loss_history"] == full["train"]["loss_history"]
+    assert len(full["train"]["loss_history"]) == 3
+    a, b = resumed["head"]["state_dict"], full["head"]["state_dict"]
+    assert set(a) == set(b) and len(a) > 5
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert resumed["threshold"] == full["threshold"]
+    assert not state.exists()
 
 
 def test_config_errors_name_the_key(tmp_path, shared_data):

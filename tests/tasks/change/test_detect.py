@@ -140,7 +140,6 @@ def test_bad_arguments(shared_data, tmp_path):
 
 
 def test_zeroshot_method(shared_data, tmp_path):
-    pytest.importorskip("dinov3geo.tasks.change.zeroshot", reason="the zero-shot module is not there yet")
     from dinov3geo.models import build_backbone
 
     bb = build_backbone("vit_tiny_test", in_chans=4)

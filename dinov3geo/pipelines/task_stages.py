@@ -201,7 +201,7 @@ def canopy_predict_stage(
     bands: list[str] | None = None,
     window: int = 512,
     overlap: int | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     device: str = "auto",
     amp: str | None = "auto",
     resample_to_model_gsd: bool = True,

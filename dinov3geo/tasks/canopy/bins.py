@@ -22,6 +22,15 @@ Normalisations of the logits over the bin axis:
   the expectation is ``clamp(sum_c w * clamp(bins, 1e-12), 1e-12) * output_scale`` exactly as Meta computes it;
 * ``"softmax"``: ``softmax(logits)``.
 
+Memory: :meth:`HeightBins.mean_and_std` is the reference; it materialises several tensors of the logits' full
+size (``[B, N, H, W]`` in fp32: 1 GiB each for 4 windows of 512^2 px and 256 bins). :meth:`HeightBins.readout_`
+computes the same expectation and std from one block in three passes (in place, then a float64 copy into a
+reused scratch block and one small matrix product: the same numbers up to float32 rounding, closer to a float64
+computation than the reference), and :meth:`HeightBins.mean_and_std_chunked` runs it over
+blocks of :func:`chunk_rows` rows of one sample at a time (a few MiB, cache-resident on CPU). The heads'
+``forward_binned`` (:class:`~dinov3geo.tasks.canopy.dpt.DPTHead`, :class:`~dinov3geo.tasks.canopy.heads.LightHead`)
+go further and never build the full-resolution logits at all.
+
 Difference to Meta/transformers: they multiply by 8 whenever the *normalisation* is ``chmv2_mixlog``, whatever the
 bin strategy; here the x8 belongs to the ``chmv2_mixlog`` *bins*. The released combination (mixlog bins + mixlog
 norm) is identical; Meta's other normalisations (``linear`` with eps 0.1, ``sigmoid``) are not implemented.
@@ -35,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BIN_STRATEGIES", "NORM_STRATEGIES", "HeightBins"]
+__all__ = ["BIN_STRATEGIES", "CHUNK_BYTES_CPU", "CHUNK_BYTES_CUDA", "NORM_STRATEGIES", "HeightBins", "chunk_bytes_for",
+           "chunk_rows", "readout_dtype", "sum_dtype"]
 
 BIN_STRATEGIES = ("linear", "log", "chmv2_mixlog")
 NORM_STRATEGIES = ("chmv2_mixlog", "softmax")
@@ -44,6 +54,44 @@ _MIXLOG_MAX_SHIFT = 1e-4
 _MIXLOG_EPS_SHIFT = 1e-8
 _EPS = 1e-12
 _CHMV2_SCALE = 8.0
+
+#: Size of the widest tensor (the ``n_bins`` logits) of one row block of a chunked readout / head tail on CPU.
+#: Below glibc's largest dynamic mmap threshold (32 MiB), so freed blocks are reused from the heap instead of
+#: being unmapped and faulted in again; 32 rows of a 512 px window with 256 bins. Smaller blocks measured no
+#: faster on one thread and slower on two busy cores (more parallel regions to synchronise).
+CHUNK_BYTES_CPU = 16 * 2**20
+#: The same on CUDA, where every block costs kernel launches: 4 blocks for a 512^2 window with 256 bins.
+CHUNK_BYTES_CUDA = 128 * 2**20
+
+
+def chunk_bytes_for(device: torch.device | str) -> int:
+    """Default row-block size in bytes for tensors on ``device`` (:data:`CHUNK_BYTES_CPU` / ``_CUDA``)."""
+    return CHUNK_BYTES_CUDA if torch.device(device).type == "cuda" else CHUNK_BYTES_CPU
+
+
+def readout_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of heights read out from logits of ``dtype``: half precision (autocast) is read out in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def sum_dtype(device: torch.device | str) -> torch.dtype:
+    """Dtype of :meth:`HeightBins.readout_`'s sums: float64, except on MPS (which has none): float32."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def chunk_rows(
+    channels: int, width: int, itemsize: int = 4, chunk_bytes: int = CHUNK_BYTES_CPU, height: int | None = None
+) -> int:
+    """Rows per block so that one ``[1, channels, rows, width]`` block takes at most ``chunk_bytes`` (at least 1).
+
+    With ``height``, the blocks of ``height`` rows are balanced: as few blocks as that bound allows, of equal
+    size up to one row (e.g. 512 rows at 48 rows per block: 11 blocks of 47 rows, not 10 of 48 and one of 32).
+    """
+    rows = max(1, int(chunk_bytes) // max(1, channels * width * itemsize))
+    if height is not None and height > 0:
+        n = -(-int(height) // rows)
+        rows = -(-int(height) // n)
+    return rows
 
 
 def make_bins(strategy: str, n_bins: int, min_height: float, max_height: float) -> tuple[Tensor, float]:
@@ -173,6 +221,82 @@ class HeightBins(nn.Module):
         centres = self._view(self.centres, probs)
         var = (probs * (centres - mean) ** 2).sum(dim=1, keepdim=True)
         return mean, var.clamp_min(0.0).sqrt()
+
+    def readout_(
+        self, logits: Tensor, with_std: bool = True, scratch: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(expectation, std or None)`` (``[B, 1, ...]``, metres) of ``logits``, overwriting ``logits``.
+
+        The fused form of :meth:`mean_and_std` for a block the caller owns (e.g. a row block of the head's output),
+        in three passes over the block instead of five to seven logits-sized temporaries and about ten passes:
+
+        1. the normalisation's numerator in place (``relu``; ``softmax`` makes one new block);
+        2. a float64 copy (into ``scratch`` when given: a flat tensor of :func:`sum_dtype` and at least
+           ``logits.numel()`` elements; float32 on MPS);
+        3. one small matrix product giving, per pixel, ``sum_c u``, ``sum_c u b_c``, ``sum_c u c_c`` and
+           ``sum_c u c_c^2`` (``b``: bin values, ``c``: centres in metres).
+
+        Meta's shift ``clamp(-min_c y, 0, 1e-4) + 1e-8`` is exactly ``1e-8`` (``relu(logits) >= 0``; pixels with a NaN
+        logit come out NaN either way) and enters the sums analytically; the normaliser gets Meta's ``nan_to_num``
+        and clamp. Then ``mean = clamp(S_b / D, 1e-12) * scale`` and
+        ``var = (S_cc - 2 mean S_c + mean^2 S_1) / D``, which is ``sum_c p_c (c_c - mean)^2`` expanded; the float64
+        sums make the expansion exact to float32 rounding. The same values as :meth:`mean_and_std` to float32
+        rounding (measured <= 2.3e-5 m on heights up to 96 m). Not for tensors that need gradients.
+        """
+        self._check(logits)
+        n, nb = int(logits.shape[0]), int(logits.shape[1])
+        rest = tuple(logits.shape[2:])
+        if self.norm == "softmax":
+            u, shift = torch.softmax(logits, dim=1), 0.0
+        else:
+            u, shift = logits.relu_(), _MIXLOG_EPS_SHIFT
+        acc = sum_dtype(u.device)
+        if scratch is not None and scratch.dtype == acc and scratch.numel() >= u.numel() and scratch.is_contiguous():
+            u64 = scratch[: u.numel()].view(u.shape).copy_(u)
+        else:
+            u64 = u.to(acc)
+        b = self.bins.to(device=u.device, dtype=acc).clamp_min(_EPS)
+        c = self.centres.to(device=u.device, dtype=acc)
+        rows = torch.stack([torch.ones_like(b), b, c, c * c]) if with_std else torch.stack([torch.ones_like(b), b])
+        sums = torch.matmul(rows, u64.reshape(n, nb, -1))  # [n, 2 or 4, pixels]
+        if shift:
+            sums += shift * rows.sum(dim=1)[:, None]
+        denom = torch.nan_to_num(sums[:, 0], nan=1.0, posinf=1.0, neginf=1.0).clamp_min_(_EPS)
+        mean = (sums[:, 1] / denom).clamp_min_(_EPS)
+        if self.output_scale != 1.0:
+            mean.mul_(self.output_scale)
+        out_mean = mean.to(u.dtype).view(n, 1, *rest)
+        if not with_std:
+            return out_mean, None
+        var = (sums[:, 3] - 2.0 * mean * sums[:, 2] + mean * mean * sums[:, 0]) / denom
+        return out_mean, var.clamp_min_(0.0).sqrt_().to(u.dtype).view(n, 1, *rest)
+
+    def mean_and_std_chunked(
+        self, logits: Tensor, with_std: bool = True, chunk_bytes: int | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`mean_and_std` of ``[B, N, H, W]`` logits, one sample and a few rows at a time.
+
+        Each block (``chunk_bytes``, default :func:`chunk_bytes_for` the logits' device) is copied and read out with
+        :meth:`readout_`: the extra memory is a block and its float64 scratch instead of several copies of
+        ``logits``. ``logits`` is not modified. Other ranks, and tensors that need gradients, go through :meth:`mean_and_std`.
+        """
+        self._check(logits)
+        if logits.ndim != 4 or (logits.requires_grad and torch.is_grad_enabled()):
+            mean, std = self.mean_and_std(logits)
+            return mean, (std if with_std else None)
+        b, _, h, w = logits.shape
+        mean = logits.new_empty((b, 1, h, w))
+        std = logits.new_empty((b, 1, h, w)) if with_std else None
+        rows = chunk_rows(self.n_bins, w, logits.element_size(), chunk_bytes or chunk_bytes_for(logits.device), h)
+        scratch = logits.new_empty(self.n_bins * rows * w, dtype=sum_dtype(logits.device))
+        for i in range(b):
+            for r0 in range(0, h, rows):
+                r1 = min(h, r0 + rows)
+                m, s = self.readout_(logits[i : i + 1, :, r0:r1].clone(), with_std, scratch)
+                mean[i : i + 1, :, r0:r1] = m
+                if std is not None:
+                    std[i : i + 1, :, r0:r1] = s
+        return mean, std
 
     # ------------------------------------------------------------------ training targets
     def encode(self, height: Tensor) -> Tensor:

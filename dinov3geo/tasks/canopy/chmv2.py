@@ -17,6 +17,9 @@
 ``get_intermediate_layers(n=[5, 11, 17, 23], reshape=True, return_class_token=True, norm=True)``, the DPT head
 and the mixlog bins (metres). It runs in the dtype it was loaded in (fp32 by default) and never autocasts;
 Meta's ``Depther`` silently runs bf16 autocast on CPU (up to 0.19 m off), which is deliberately not copied.
+Without gradients the bins are read out by :meth:`~dinov3geo.tasks.canopy.dpt.DPTHead.forward_binned` (no
+full-resolution ``[B, 256, H, W]`` logits; Meta's numbers up to float32 rounding); :meth:`CHMv2.logits` gives
+the logits.
 
 Output size (spec section 5): Meta's output side is ``32 * ceil(Hp / 32)`` for the padded side ``Hp``; it equals
 the input only for sides that are multiples of 32. ``output=`` chooses what to return:
@@ -60,6 +63,7 @@ __all__ = [
     "export_hf",
     "from_hf_state_dict",
     "load_chmv2",
+    "needs_grad",
     "to_hf_config",
     "to_hf_state_dict",
 ]
@@ -74,6 +78,15 @@ def default_layers(depth: int, n: int = 4) -> list[int]:
     if depth < n:
         raise ValueError(f"a {depth}-block backbone cannot give {n} distinct layers")
     return [(k + 1) * depth // n - 1 for k in range(n)]
+
+
+def needs_grad(module: nn.Module, features: Sequence[Any]) -> bool:
+    """Whether a forward of ``module`` on ``features`` (tensors or tuples of tensors) would record gradients."""
+    if not torch.is_grad_enabled():
+        return False
+    if any(p.requires_grad for p in module.parameters()):
+        return True
+    return any(t.requires_grad for f in features for t in (f if isinstance(f, (tuple, list)) else (f,)))
 
 
 def centre_crop_box(size: int, multiple: int) -> tuple[int, int]:
@@ -97,7 +110,13 @@ class CHMv2(nn.Module):
         bins: default: Meta's ``HeightBins(head.n_bins, "chmv2_mixlog", "chmv2_mixlog", 0.001, 96)``.
         layers: 0-based backbone blocks to tap (default ``[5, 11, 17, 23]`` for 24 blocks, evenly spaced
             otherwise, see :func:`default_layers`).
+
+    Attributes:
+        chunk_bytes: row-block size of the readout without gradients (:meth:`DPTHead.forward_binned`; None: the
+            device's default).
     """
+
+    chunk_bytes: int | None = None
 
     def __init__(
         self,
@@ -145,11 +164,15 @@ class CHMv2(nn.Module):
             raise ValueError(f"expected images [B, C, H, W], got {tuple(x.shape)}")
         hw = (int(x.shape[-2]), int(x.shape[-1]))
         multiple = 2 * self.patch_size if output == "aligned" else self.patch_size
-        logits = self.logits(x, multiple)
-        if with_std:
-            height, std = self.bins.mean_and_std(logits)
-        else:
-            height, std = self.bins.expectation(logits), None
+        feats = self.features(x, multiple)
+        if needs_grad(self.head, feats):
+            logits = self.head(feats)
+            if with_std:
+                height, std = self.bins.mean_and_std(logits)
+            else:
+                height, std = self.bins.expectation(logits), None
+        else:  # no [B, n_bins, H, W] logits: row blocks of one image at a time (same numbers to fp32 rounding)
+            height, std = self.head.forward_binned(feats, self.bins, with_std, self.chunk_bytes)
         if output == "native":
             return height, std
         padded = tuple(-(-s // multiple) * multiple for s in hw)

@@ -20,6 +20,15 @@ Data flow for features ``[(patch_map_i [B, D, h, w], cls_i [B, D])]`` of 4 backb
 
 Output side: ``16 * ceil(h / 2) * 2`` = ``32 * ceil(h / 2)`` pixels (= ``16 h`` when the grid is even).
 Batch norm (Meta's ``use_batchnorm``) is not supported: CHMv2 does not use it.
+
+Memory (inference): :meth:`DPTHead.forward` returns the full-resolution logits, ``[B, n_bins, H, W]`` (1 GiB for
+4 windows of 512^2 px with 256 bins), and the tail of ``conv_depth`` before it holds two more full-resolution
+``n_hidden_channels`` maps. :meth:`DPTHead.forward_binned` gives the height and std directly: one sample at a time
+it runs the head up to ``conv_depth``'s first conv (half resolution), then the full-resolution tail (bilinear x2,
+3x3 conv, ReLU, 1x1 conv to the bins) and :meth:`~dinov3geo.tasks.canopy.bins.HeightBins.readout_` over blocks of
+rows (logits of 16 MiB on CPU: 32 rows of a 512 px window; the 3x3 conv's one-row halo is recomputed only for the
+cheap upsampling). Same numbers as ``bins.mean_and_std(head(features))`` up to float32 rounding
+(:func:`upsample_rows_x2` reproduces the bilinear weights of ``F.interpolate``; the readout sums in float64).
 """
 
 from __future__ import annotations
@@ -32,7 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["READOUTS", "DPTHead", "dpt_config_from_state_dict"]
+from dinov3geo.tasks.canopy.bins import HeightBins, chunk_bytes_for, chunk_rows, readout_dtype, sum_dtype
+
+__all__ = ["READOUTS", "DPTHead", "dpt_config_from_state_dict", "upsample_rows_x2"]
 
 READOUTS = ("project", "add", "ignore")
 DEFAULT_FACTORS = (4.0, 2.0, 1.0, 0.5)
@@ -157,6 +168,46 @@ class UpConvHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(x)
 
+    def forward_rows(self, z: Tensor, r0: int, r1: int) -> Tensor:
+        """Output rows ``[r0, r1)`` of :meth:`forward` from ``z`` = the first conv's output (half resolution).
+
+        Upsamples only rows ``r0 - 1 .. r1`` (the 3x3 conv's halo; zeros beyond the image edges, where the full
+        conv pads) and convolves without vertical padding.
+        """
+        up_conv, out_conv = self.head[2], self.head[4]
+        x = upsample_rows_x2(z, r0 - 1, r1 + 1, zero_outside=True)  # zero rows where the full conv pads
+        x = F.conv2d(x, up_conv.weight, up_conv.bias, padding=(0, 1)).relu_()
+        return out_conv(x)
+
+
+def upsample_rows_x2(z: Tensor, r0: int, r1: int, zero_outside: bool = False) -> Tensor:
+    """Rows ``[r0, r1)`` of ``F.interpolate(z, scale_factor=2, mode="bilinear", align_corners=True)``.
+
+    The source rows are interpolated along the width by ``F.interpolate`` itself (a height-preserving resize is
+    exact), then along the height by a small ``[rows, source rows]`` matrix holding torch's bilinear weights
+    (``scale = (H - 1) / (2H - 1)`` in float32, ``src = scale * row``, two non-zeros per row). Agrees with the
+    full upsampling to float32 rounding and reads only the source rows it needs. With ``zero_outside``, rows
+    outside ``[0, 2H)`` may be asked for and are zeros (a following conv's zero padding, at no extra pass).
+    """
+    hin, win = int(z.shape[-2]), int(z.shape[-1])
+    hout = 2 * hin
+    lo, hi = (max(r0, 0), min(r1, hout)) if zero_outside else (r0, r1)
+    if not 0 <= lo < hi <= hout or r0 >= r1:
+        raise ValueError(f"rows [{r0}, {r1}) outside an upsampled height of {hout}")
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    scale = torch.tensor(float(hin - 1), dtype=acc) / torch.tensor(float(max(hout - 1, 1)), dtype=acc)
+    src = torch.arange(lo, hi, dtype=acc) * scale
+    i0 = src.floor().long()
+    lam1 = (src - i0.to(acc)).clamp_(0.0, 1.0)
+    i1 = torch.where(i0 < hin - 1, i0 + 1, i0)
+    s0, s1 = int(i0[0]), int(i1[-1]) + 1
+    band = F.interpolate(z[:, :, s0:s1], size=(s1 - s0, 2 * win), mode="bilinear", align_corners=True)
+    rows = torch.arange(lo - r0, hi - r0)
+    weights = torch.zeros(r1 - r0, s1 - s0, dtype=acc)
+    weights.index_put_((rows, i0 - s0), 1.0 - lam1, accumulate=True)
+    weights.index_put_((rows, i1 - s0), lam1, accumulate=True)
+    return torch.matmul(weights.to(device=z.device, dtype=z.dtype), band)
+
 
 class DPTHead(nn.Module):
     """Meta's DPT depth head as used by CHMv2 (see the module docstring for the data flow).
@@ -242,8 +293,8 @@ class DPTHead(nn.Module):
         """Output side (pixels) for a ``h x w`` patch grid: ``32 * ceil(h / 2)`` (factors 4, 2, 1, 0.5)."""
         return 32 * -(-h // 2), 32 * -(-w // 2)
 
-    def forward(self, features: Features) -> Tensor:
-        """Logits ``[B, n_bins, 32 ceil(h/2), 32 ceil(w/2)]`` from one ``(patch_map, cls)`` per level."""
+    def _fused(self, features: Features) -> Tensor:
+        """Reassemble + fusion: ``[B, channels, H/2, W/2]``."""
         if len(features) != self.n_levels:
             raise ValueError(f"the head takes {self.n_levels} feature levels, got {len(features)}")
         xs = self.reassemble_blocks(features)
@@ -251,7 +302,57 @@ class DPTHead(nn.Module):
         out = self.fusion_blocks[0](xs[-1])
         for k in range(1, self.n_levels):
             out = self.fusion_blocks[k](out, xs[-1 - k])
-        return self.conv_depth(out)
+        return out
+
+    def forward(self, features: Features) -> Tensor:
+        """Logits ``[B, n_bins, 32 ceil(h/2), 32 ceil(w/2)]`` from one ``(patch_map, cls)`` per level."""
+        return self.conv_depth(self._fused(features))
+
+    def forward_binned(
+        self,
+        features: Features,
+        bins: HeightBins,
+        with_std: bool = True,
+        chunk_bytes: int | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(height, std or None)`` ``[B, 1, 32 ceil(h/2), 32 ceil(w/2)]`` in metres, without full-size logits.
+
+        Equals ``bins.mean_and_std(self(features))`` up to float32 rounding (see the module docstring); the
+        full-resolution tensors are one row block (``chunk_bytes``, default
+        :func:`~dinov3geo.tasks.canopy.bins.chunk_bytes_for` the device) of one sample. Half-precision logits
+        (bf16/fp16 autocast) are read out in float32, block by block. For inference: use :meth:`forward` when
+        gradients are needed.
+        """
+        if len(features) != self.n_levels:
+            raise ValueError(f"the head takes {self.n_levels} feature levels, got {len(features)}")
+        if bins.n_bins != self.n_bins:
+            raise ValueError(f"head has {self.n_bins} outputs but the bins {bins.n_bins}")
+        first = features[0][0] if isinstance(features[0], (tuple, list)) else features[0]
+        n = int(first.shape[0])
+        height = std = scratch = None
+        for i in range(n):
+            one = [(f[0][i : i + 1], f[1][i : i + 1]) if isinstance(f, (tuple, list)) else f[i : i + 1]
+                   for f in features]
+            z = self.conv_depth.head[0](self._fused(one))
+            h, w = 2 * int(z.shape[-2]), 2 * int(z.shape[-1])
+            if height is None:
+                out_dtype = readout_dtype(z.dtype)
+                height = z.new_empty((n, 1, h, w), dtype=out_dtype)
+                std = z.new_empty((n, 1, h, w), dtype=out_dtype) if with_std else None
+            widest = max(self.n_bins, self.n_hidden_channels, int(z.shape[1]))
+            rows = chunk_rows(widest, w, z.element_size(), chunk_bytes or chunk_bytes_for(z.device), h)
+            if scratch is None:  # the readout's float64 block, reused by every block of every sample
+                scratch = z.new_empty(self.n_bins * rows * w, dtype=sum_dtype(z.device))
+            for r0 in range(0, h, rows):
+                r1 = min(h, r0 + rows)
+                logits = self.conv_depth.forward_rows(z, r0, r1).to(out_dtype)
+                m, s = bins.readout_(logits, with_std, scratch)
+                height[i : i + 1, :, r0:r1] = m
+                if std is not None:
+                    std[i : i + 1, :, r0:r1] = s
+            del z
+        assert height is not None
+        return height, std
 
 
 def dpt_config_from_state_dict(sd: Mapping[str, Tensor], what: str = "the head state dict") -> dict[str, Any]:

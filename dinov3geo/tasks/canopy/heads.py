@@ -6,6 +6,8 @@ Two kinds, both taking the backbone's tapped levels as ``[(patch_map [B, D, h, w
   ``log2(patch_size)`` *learned* x2 upsampling stages (transposed conv + 3x3 conv) up to input resolution
   ``(16 h, 16 w)`` and a 1x1 output conv. Output: direct regression (metres, ``softplus * height_scale``) or
   bin logits (read with :class:`~dinov3geo.tasks.canopy.bins.HeightBins`). About 0.1-0.5 M parameters.
+  :meth:`LightHead.forward_binned` reads binned outputs out without building the full-resolution logits (the
+  last stage has only ``min_channels`` channels; the ``n_bins`` logits are made and read out per row block).
 * ``"dpt"`` (:class:`~dinov3geo.tasks.canopy.dpt.DPTHead`): Meta's CHMv2 head, always binned (linear, log or
   chmv2_mixlog bins); output side ``32 * ceil(h / 2)``.
 
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinov3geo.tasks.canopy.bins import HeightBins, chunk_bytes_for, chunk_rows, readout_dtype, sum_dtype
 from dinov3geo.tasks.canopy.dpt import DPTHead
 
 __all__ = ["HEAD_KINDS", "LightHead", "build_head", "head_config", "head_kind"]
@@ -124,15 +127,54 @@ class LightHead(nn.Module):
         """Output side for an ``h x w`` patch grid: ``(patch h, patch w)``."""
         return self.patch_size * h, self.patch_size * w
 
-    def forward(self, features: Sequence[tuple[Tensor, Tensor] | Tensor]) -> Tensor:
-        """``[B, 1, 16h, 16w]`` metres (regression) or ``[B, n_bins, 16h, 16w]`` logits."""
+    def _trunk(self, features: Sequence[tuple[Tensor, Tensor] | Tensor]) -> Tensor:
+        """Projection and upsampling stages: ``[B, c, 16h, 16w]`` before the output conv."""
         if len(features) < self.n_levels:
             raise ValueError(f"the head takes {self.n_levels} feature levels, got {len(features)}")
         maps = [f[0] if isinstance(f, (tuple, list)) else f for f in features[-self.n_levels :]]
-        x = self.out(self.upsample(self.project(maps[0] if len(maps) == 1 else torch.cat(maps, dim=1))))
+        return self.upsample(self.project(maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)))
+
+    def forward(self, features: Sequence[tuple[Tensor, Tensor] | Tensor]) -> Tensor:
+        """``[B, 1, 16h, 16w]`` metres (regression) or ``[B, n_bins, 16h, 16w]`` logits."""
+        x = self.out(self._trunk(features))
         if self.output == "regression":
             x = F.softplus(x) * self.height_scale
         return x
+
+    def forward_binned(
+        self,
+        features: Sequence[tuple[Tensor, Tensor] | Tensor],
+        bins: HeightBins,
+        with_std: bool = True,
+        chunk_bytes: int | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(height, std or None)`` ``[B, 1, 16h, 16w]`` (metres) of a ``output="bins"`` head, for inference.
+
+        Equals ``bins.mean_and_std(self(features))`` up to float32 rounding. The stages run on the whole batch
+        (GroupNorm needs whole maps; the last one has only ``min_channels`` channels); the 1x1 output conv and
+        :meth:`~dinov3geo.tasks.canopy.bins.HeightBins.readout_` run per sample over row blocks of about
+        ``chunk_bytes`` (default :func:`~dinov3geo.tasks.canopy.bins.chunk_bytes_for` the device); half-precision
+        logits are read out in float32.
+        """
+        if self.output != "bins":
+            raise ValueError("forward_binned needs a head with output='bins'")
+        if bins.n_bins != self.n_bins:
+            raise ValueError(f"head has {self.n_bins} outputs but the bins {bins.n_bins}")
+        x = self._trunk(features)
+        n, _, h, w = x.shape
+        out_dtype = readout_dtype(x.dtype)
+        height = x.new_empty((n, 1, h, w), dtype=out_dtype)
+        std = x.new_empty((n, 1, h, w), dtype=out_dtype) if with_std else None
+        rows = chunk_rows(self.n_bins, w, x.element_size(), chunk_bytes or chunk_bytes_for(x.device), h)
+        scratch = x.new_empty(self.n_bins * rows * w, dtype=sum_dtype(x.device))  # the readout's block, reused
+        for i in range(n):
+            for r0 in range(0, h, rows):
+                r1 = min(h, r0 + rows)
+                m, s = bins.readout_(self.out(x[i : i + 1, :, r0:r1]).to(out_dtype), with_std, scratch)
+                height[i : i + 1, :, r0:r1] = m
+                if std is not None:
+                    std[i : i + 1, :, r0:r1] = s
+        return height, std
 
 
 HEAD_KINDS: dict[str, type[nn.Module]] = {"light": LightHead, "dpt": DPTHead}

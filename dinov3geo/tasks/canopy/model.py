@@ -18,6 +18,13 @@ are at input size and georeferenced like the input. :meth:`CanopyHeightModel.for
 
 :class:`CanopyRasterModel` runs a model through :func:`dinov3geo.inference.predict_raster`, writing two float32
 bands ``height`` and ``height_std`` (metres; ``height_std`` is NaN for regression heads).
+
+Inference memory: when no gradient is needed and no logits are asked for, binned heads are read out with their
+``forward_binned`` (one sample at a time, full-resolution tensors one row block at a time; see
+:mod:`dinov3geo.tasks.canopy.dpt`) instead of building ``[B, n_bins, H, W]`` logits and five to seven temporaries of
+that size: same heights and stds up to float32 rounding. ``CanopyHeightModel.fused_readout = False`` restores the
+reference path. :meth:`CanopyHeightModel.memory_estimate` gives the peak working memory of a batch of windows, from
+which :func:`dinov3geo.tasks.canopy.predict.choose_batch_size` picks the default batch size.
 """
 
 from __future__ import annotations
@@ -43,10 +50,10 @@ from dinov3geo.models import (
     read_checkpoint,
 )
 from dinov3geo.models.padding import pad_to_patch_multiple
-from dinov3geo.tasks.canopy.bins import HeightBins
-from dinov3geo.tasks.canopy.chmv2 import CHMv2, crop_padding, default_layers
+from dinov3geo.tasks.canopy.bins import HeightBins, chunk_bytes_for
+from dinov3geo.tasks.canopy.chmv2 import CHMv2, crop_padding, default_layers, needs_grad
 from dinov3geo.tasks.canopy.dpt import DPTHead
-from dinov3geo.tasks.canopy.heads import build_head, head_config
+from dinov3geo.tasks.canopy.heads import LightHead, build_head, head_config
 from dinov3geo.utils.atomic import atomic_path
 
 __all__ = [
@@ -75,7 +82,18 @@ class CanopyHeightModel(nn.Module):
         layers: tapped 0-based blocks (default: 4 evenly spaced, ending at the last block).
         freeze_backbone: keep the backbone frozen (no gradients, always in eval mode).
         metadata: free-form dict (bands, normalisation, GSD...), set by :func:`load_canopy_model`.
+
+    Attributes:
+        fused_readout: read binned heads out with their ``forward_binned`` when nothing needs gradients and no
+            logits are requested, and with :meth:`HeightBins.mean_and_std_chunked` when logits are requested
+            without gradients (default True; False: always the reference path, the head's full logits and
+            :meth:`HeightBins.mean_and_std`, as before the fused readout existed).
+        chunk_bytes: row-block size of that readout (None: :func:`~dinov3geo.tasks.canopy.bins.chunk_bytes_for`
+            the device).
     """
+
+    fused_readout: bool = True
+    chunk_bytes: int | None = None
 
     def __init__(
         self,
@@ -164,14 +182,83 @@ class CanopyHeightModel(nn.Module):
                 f"features of a {grid[0]}x{grid[1]} patch grid do not belong to a {out_hw[0]}x{out_hw[1]} input "
                 f"(padded to {padded[0]}x{padded[1]})"
             )
+        if not return_logits and self._fused(features, grid, padded):
+            height, std = self.head.forward_binned(  # type: ignore[operator]
+                features, self.bins, chunk_bytes=self.chunk_bytes
+            )
+            return {"height": crop_padding(height, out_hw, self.pad_multiple),
+                    "std": crop_padding(std, out_hw, self.pad_multiple), "logits": None}
         y = self.head(features)
         if tuple(y.shape[-2:]) != padded:  # never for the built-in heads; keeps custom heads usable
             y = F.interpolate(y, size=padded, mode="bilinear", align_corners=False)
         y = crop_padding(y, out_hw, self.pad_multiple)
         if self.bins is None:
             return {"height": y, "std": None, "logits": None}
-        height, std = self.bins.mean_and_std(y)
+        if return_logits and self.fused_readout and not needs_grad(self.head, features):
+            height, std = self.bins.mean_and_std_chunked(y, chunk_bytes=self.chunk_bytes)
+        else:
+            height, std = self.bins.mean_and_std(y)
         return {"height": height, "std": std, "logits": y if return_logits else None}
+
+    def _fused(self, features: Sequence[tuple[Tensor, Tensor]], grid: tuple[int, ...], padded: tuple[int, int]) -> bool:
+        """Whether :meth:`forward_head` reads the head out with its ``forward_binned``."""
+        if not self.fused_readout or self.bins is None or not hasattr(self.head, "forward_binned"):
+            return False
+        if getattr(self.head, "output", "bins") != "bins" or needs_grad(self.head, features):
+            return False
+        size = getattr(self.head, "output_size", None)
+        return size is not None and tuple(size(int(grid[0]), int(grid[1]))) == tuple(padded)
+
+    def memory_estimate(self, window: int, batch: int = 1, itemsize: int | None = None) -> int:
+        """Estimated peak working memory (bytes, weights excluded) of one inference call on ``batch`` windows.
+
+        A model of the activations alive at the peak of each stage, for ``window`` x ``window`` px inputs
+        padded to :attr:`pad_multiple`: the backbone's (per window: tokens x (8 width + 2 MLP width) for the
+        block being computed, the tapped levels twice; attention through ``scaled_dot_product_attention``, no
+        tokens^2 matrix), the input and output windows, and the head's: with the fused readout the DPT head runs
+        one window at a time (about 4 maps of ``channels`` at half resolution, plus 4 row blocks), otherwise
+        per window 4 maps of ``n_bins`` and 2 of ``n_hidden_channels`` at full resolution (the logits and the
+        reference readout's temporaries alive at once). ``itemsize`` defaults to the model's.
+        Checked against measured peak RSS growth by ``benchmarks/canopy_memory.py``.
+        """
+        if window < 1 or batch < 1:
+            raise ValueError(f"window and batch must be positive, got {window}, {batch}")
+        item = int(itemsize or torch.empty((), dtype=self.dtype).element_size())
+        side = -(-int(window) // self.pad_multiple) * self.pad_multiple
+        px = side * side
+        cfg = self.backbone.config
+        tokens = (side // self.patch_size) ** 2 + 1 + int(cfg.n_storage_tokens)
+        width, mlp = int(cfg.embed_dim), int(cfg.ffn_hidden_dim)
+        per_window = tokens * (8 * width + 2 * mlp) + 2 * len(self.layers) * tokens * width
+        per_window += 3 * int(cfg.in_chans) * px + 4 * px  # input (as float, normalised, padded), height + std
+        head = self.head
+        n_out = int(getattr(head, "n_bins", 1))
+        chunk = self.chunk_bytes or chunk_bytes_for(next(self.parameters()).device)
+        fused = self.fused_readout and self.bins is not None and hasattr(head, "forward_binned")
+        once = 0
+        if isinstance(head, DPTHead):
+            trunk = 4 * head.channels * px // 4  # fused map, its upsampling and projection, at half resolution
+            if fused:  # one window at a time: the trunk's maps and 4 row blocks are not batch-sized
+                once = trunk * item + 4 * chunk
+            else:
+                per_window += trunk + 2 * head.n_hidden_channels * px + 4 * n_out * px
+        elif isinstance(head, LightHead):
+            stages = [head.hidden * px // head.patch_size**2]
+            c, f = head.hidden, 1
+            for _ in head.upsample:
+                c, f = max(c // 2, head.min_channels), 2 * f
+                stages.append(c * px * f * f // head.patch_size**2)
+            per_window += 3 * max(stages)
+            if n_out > 1:
+                if fused:
+                    once = 3 * chunk
+                else:
+                    per_window += 4 * n_out * px
+            else:
+                per_window += 2 * px
+        else:  # custom heads: their logits and the reference readout
+            per_window += 4 * n_out * px
+        return int(per_window * batch * item + once)
 
     def forward(self, x: Tensor, return_logits: bool = False) -> dict[str, Tensor | None]:
         """``dict(height=[B,1,H,W] metres, std=[B,1,H,W] or None, logits=None or [B,N,H,W])`` at input size."""
@@ -383,6 +470,8 @@ class CanopyRasterModel(RasterModel):
         self.model = model.eval()
         self.in_bands = int(model.backbone.config.in_chans)
         self.receptive_margin = int(receptive_margin)
+        self.global_context = True  # a ViT backbone: every output pixel depends on the whole window
+        self.window_multiple = 16  # windows are cut into 16 px patches
         self._norm = _Normalise(value_scale, mean, std)
         self.value_scale = float(value_scale)
 

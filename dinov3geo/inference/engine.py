@@ -61,6 +61,7 @@ from dinov3geo.utils.memory import keep_freed_memory as _keep_freed_memory
 from dinov3geo.utils.outputs import folder_kind, guard_output, input_paths, mark_folder, remove_owned
 from dinov3geo.utils.progress import progress_bar
 from dinov3geo.utils.runs import consecutive_runs
+from dinov3geo.utils.threads import FairThreads
 
 __all__ = ["InferenceConfig", "make_layout", "parts_dir", "predict_array", "predict_raster", "resolve_amp",
            "resolve_device"]
@@ -818,8 +819,11 @@ class _Pipeline:
         wt = threading.Thread(target=self._writer, name="dinov3geo-writer", daemon=True)
         user_threads = torch.get_num_threads()
         tuner = None
+        # other processes' load caps the threads (the reader and writer threads are ours: the tuner weighs them)
+        fair = FairThreads(user_threads, interval=0.5, probe=0.0, apply=False)
         if device.type == "cpu" and self.model_threads == "auto":
             tuner = _ThreadTuner(user_threads)
+            fair.__enter__()
         elif device.type == "cpu" and isinstance(self.model_threads, int):
             torch.set_num_threads(max(1, self.model_threads))
         rt.start()
@@ -831,14 +835,15 @@ class _Pipeline:
                     break
                 if item[0] == "batch":
                     batch = item[1]
-                    if tuner is not None and torch.get_num_threads() != tuner.threads():
-                        torch.set_num_threads(tuner.threads())
+                    cap = fair.tick() if tuner is not None else 0
+                    if tuner is not None and torch.get_num_threads() != min(tuner.threads(), cap):
+                        torch.set_num_threads(min(tuner.threads(), cap))
                     t0 = time.perf_counter()
                     y = _run_model(self.model, batch, device, amp, cfg.out_bands, cfg.layout.window_out)
                     dt = time.perf_counter() - t0
                     self.model_seconds += dt
                     self.model_windows += len(batch.cells)
-                    if tuner is not None:
+                    if tuner is not None and cap >= tuner.threads():  # a trial capped by others' load waits
                         tuner.done(len(batch.cells), dt)
                     self._put(self.q_out, ("out", batch, y))
                 else:
@@ -848,6 +853,7 @@ class _Pipeline:
             self._fail(exc)
         finally:
             self.threads_used = tuner.chosen if tuner is not None and tuner.chosen else torch.get_num_threads()
+            fair.__exit__(None, None, None)
             torch.set_num_threads(user_threads)
             if self.errors:
                 self.stop.set()

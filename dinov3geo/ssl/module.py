@@ -28,6 +28,7 @@ from dinov3geo.ssl.param_groups import (
     get_params_groups,
 )
 from dinov3geo.ssl.schedules import Schedules, ScheduleSpec, build_schedules
+from dinov3geo.utils.threads import tick_threads
 
 log = logging.getLogger("dinov3geo.ssl")
 
@@ -100,6 +101,7 @@ class SSLModule(pl.LightningModule):
     # ------------------------------------------------------------------ step
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._wait = time.perf_counter() - self._t_last  # time spent waiting for data
+        tick_threads()  # intra-op threads follow the cores other processes (our data workers too) leave free
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         it = int(self.global_step)

@@ -47,6 +47,7 @@ from dinov3geo.utils.atomic import remove_if_writer_dead, remove_quietly, temp_s
 from dinov3geo.utils.locks import output_lock
 from dinov3geo.utils.memory import keep_freed_memory
 from dinov3geo.utils.outputs import guard_output, make_output_folder
+from dinov3geo.utils.threads import fair_threads
 
 log = logging.getLogger("dinov3geo.ssl")
 
@@ -290,7 +291,7 @@ def _pretrain(cfg: SSLConfig, out: Path, *, resume: bool, stage: str, max_steps:
     if resume and ckpt_path is None:
         log.warning("no checkpoint at %s; starting from scratch", last)
     with warnings.catch_warnings(), keep_freed_memory(cfg.train.keep_freed_memory), \
-            _interrupt_as_keyboard_interrupt(trainer):
+            _interrupt_as_keyboard_interrupt(trainer), fair_threads():
         warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
         trainer.fit(module, datamodule=SSLDataModule(cfg, tiles), ckpt_path=ckpt_path, weights_only=True)
     # the final state, atomically (also when max_steps stopped early); optimizer state included

@@ -56,6 +56,7 @@ from dinov3geo.utils.config import ConfigError, apply_overrides, from_dict, load
 from dinov3geo.utils.locks import output_lock
 from dinov3geo.utils.outputs import guard_output, make_output_folder
 from dinov3geo.utils.progress import progress_bar
+from dinov3geo.utils.threads import fair_threads, tick_threads
 
 log = logging.getLogger("dinov3geo.canopy")
 
@@ -415,6 +416,7 @@ def _cache(model: CanopyHeightModel, tiles: _Tiles, views: int, batch: int, devi
     bar = progress_bar(total=n * views, desc=desc, leave=False, disable=not progress)
     for k in range(views):
         for s in range(0, n, batch):
+            tick_threads()
             x = _dihedral(tiles.images[s:s + batch], k).to(device)
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 feats = model.forward_features(x)
@@ -432,6 +434,7 @@ def _cache(model: CanopyHeightModel, tiles: _Tiles, views: int, batch: int, devi
 def _batch(tiles: _Tiles, idx: Tensor, device: torch.device, dtype: torch.dtype,
            model: CanopyHeightModel, amp: torch.dtype | None) -> tuple[list[tuple[Tensor, Tensor]], Tensor, Tensor]:
     """Features (cached or computed), targets and masks of the (tile, view) indices ``idx``."""
+    tick_threads()
     n = tiles.images.shape[0]
     tile_i, view = idx % n, idx // n
     hs = torch.stack([_dihedral(tiles.heights[t], int(k)) for t, k in zip(tile_i.tolist(), view.tolist(), strict=True)])
@@ -499,7 +502,8 @@ def train_canopy(config: CanopyTrainConfig | str | os.PathLike[str] | dict[str, 
     with output_lock(out, what="canopy train"):
         make_output_folder(out, inputs, kind=CANOPY_TRAIN_KIND, role="out", adopt=("last.pt",),
                            files=("model.pt", "last.pt", "history.json", "summary.json"))
-        return _train_canopy(cfg, out, progress=progress)
+        with fair_threads():
+            return _train_canopy(cfg, out, progress=progress)
 
 
 #: the dinov3geo folder kind of a canopy training run

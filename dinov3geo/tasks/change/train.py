@@ -55,6 +55,7 @@ from dinov3geo.tasks.change.head import ChangeHead, ChangeModel, ChangeRasterMod
 from dinov3geo.tasks.change.metrics import ConfusionMatrix, ThresholdSearch
 from dinov3geo.tasks.change.zeroshot import check_bands, resolve_layers
 from dinov3geo.utils.config import apply_overrides, from_dict
+from dinov3geo.utils.threads import fair_threads, tick_threads
 
 log = logging.getLogger("dinov3geo.change")
 
@@ -337,7 +338,7 @@ def train_change_head(config: str | os.PathLike[str] | Mapping[str, Any] | Chang
         inputs.append(config)
     out = guard_output(cfg.output, inputs, role="output")
     guard_output(_state_path(out), inputs, role="training state")
-    with output_lock(out, what="change train"):
+    with output_lock(out, what="change train"), fair_threads(fixed=cfg.train.threads or None):
         return _train_change_head(cfg, check_writable(out))
 
 
@@ -347,8 +348,6 @@ def _train_change_head(cfg: ChangeTrainConfig, out: Path) -> Path:
     from dinov3geo.utils.progress import progress_bar
 
     t = cfg.train
-    if t.threads:
-        torch.set_num_threads(int(t.threads))
     torch.manual_seed(t.seed)
     device = torch.device(t.device)
     t0 = time.perf_counter()
@@ -409,6 +408,7 @@ def _train_change_head(cfg: ChangeTrainConfig, out: Path) -> Path:
                              min_valid=t.min_valid, positive_fraction=t.positive_fraction)
         cache = []
         for x, y, v in batches(fixed):
+            tick_threads()
             x = x.to(device)
             f1, f2 = model.features(x)
             for i in range(x.shape[0]):
@@ -444,6 +444,7 @@ def _train_change_head(cfg: ChangeTrainConfig, out: Path) -> Path:
 
             iterator = _gen()
         for f1, f2, x, y, v in iterator:
+            tick_threads()
             logits = model.head_forward(f1, f2, x)
             loss = bce_dice_loss(logits, y, v, t.bce_weight, t.dice_weight, t.pos_weight)
             opt.zero_grad(set_to_none=True)

@@ -8,7 +8,10 @@ the input, overviews. Pixels that are nodata in the input or outside the AOI are
 
 Resolution matters more than any numeric detail (``chmv2-spec.md`` §12): when the model records the GSD it was
 trained at and the image differs from it by more than ``gsd_tolerance``, the image is read on a grid of the
-model's GSD (``resample_to_model_gsd=True``, the default) and the map comes out at that GSD.
+model's GSD (``resample_to_model_gsd=True``, the default) and the map comes out at that GSD. The check applies to
+every input the engine reads: single rasters, mosaics (their common grid), STAC items and tile stores, in
+projected CRSs (any linear unit) and geographic ones (pixel size in metres measured geodesically at the centre;
+the map then stays in the geographic CRS, at the degree spacing that matches the model's GSD there).
 
 Batch size (``batch_size=None``, the default): :func:`choose_batch_size` picks it from the model's
 :meth:`~dinov3geo.tasks.canopy.model.CanopyHeightModel.memory_estimate` and the memory there is. On CUDA: the most
@@ -21,6 +24,7 @@ explicit ``batch_size`` is used as given; a resumed run keeps the batch size it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,9 +35,9 @@ from typing import Any
 import torch
 
 from dinov3geo.inference import predict_raster
+from dinov3geo.inference.sources import RasterSource
 from dinov3geo.io.grid import GridSpec
 from dinov3geo.io.scene import target_grid
-from dinov3geo.io.sources import open_scene
 from dinov3geo.tasks.canopy.model import CanopyHeightModel, CanopyRasterModel
 
 log = logging.getLogger("dinov3geo.canopy")
@@ -167,6 +171,47 @@ def canopy_raster_model(
     return CanopyRasterModel.from_chmv2(load_chmv2(chmv2_backbone, chmv2_head, device=device)), None
 
 
+def pixel_size_xy_m(grid: GridSpec) -> tuple[float, float]:
+    """Width and height of a pixel of ``grid`` in metres.
+
+    Projected CRSs: the resolution times the CRS's linear unit (feet count as 0.3048 m, US survey feet as
+    1200/3937 m). Geographic CRSs: the geodesic width and height of the pixel at the centre of the grid on the
+    CRS's ellipsoid (a 1e-4 degree pixel is ~11 m tall everywhere and half as wide at 60 degrees latitude).
+    """
+    rx, ry = grid.res
+    crs = grid.crs
+    if crs.is_projected:
+        factor = 1.0
+        with contextlib.suppress(Exception):  # a CRS without unit information: metres
+            factor = float(crs.linear_units_factor[1])
+        return rx * factor, ry * factor
+    from pyproj import CRS as PCRS
+    from pyproj import Geod
+
+    left, bottom, right, top = grid.bounds
+    lon, lat = (left + right) / 2, (bottom + top) / 2
+    try:
+        geod = PCRS.from_user_input(crs.to_wkt()).get_geod() or Geod(ellps="WGS84")
+    except Exception:  # noqa: BLE001
+        geod = Geod(ellps="WGS84")
+    _, _, w = geod.inv(lon - rx / 2, lat, lon + rx / 2, lat)
+    _, _, h = geod.inv(lon, lat - ry / 2, lon, lat + ry / 2)
+    return float(abs(w)), float(abs(h))
+
+
+def pixel_size_m(grid: GridSpec) -> float:
+    """The smaller side of a pixel of ``grid`` in metres (see :func:`pixel_size_xy_m`)."""
+    return min(pixel_size_xy_m(grid))
+
+
+def _name(image: Any) -> str:
+    if isinstance(image, list | tuple):
+        return f"the mosaic of {len(image)} scenes ({_name(image[0])}, ...)" if len(image) > 1 else _name(image[0])
+    if isinstance(image, str | os.PathLike):
+        return str(image)
+    return type(image).__name__
+
+
 def predict_canopy(
     model: str | os.PathLike[str] | CanopyRasterModel | None,
     image: Any,
@@ -234,21 +279,36 @@ def predict_canopy(
     else:
         batch_size = choose_batch_size(rm, window, dev, batch_size)
     meta = getattr(rm.model, "metadata", {}) or {}
-    scene = open_scene(image) if isinstance(image, str | os.PathLike) else None
-    if scene is not None and bands is None and meta.get("bands") and set(meta["bands"]) <= set(scene.band_names):
-        bands = list(meta["bands"])
-    if scene is not None and grid is None and resample_to_model_gsd and gsd:
-        res = min(scene.grid.res)
-        if scene.grid.crs.is_projected and abs(res - gsd) > gsd_tolerance * gsd:
-            if res / gsd > max_resample_factor:
+    src = None
+    if grid is None or bands is None:
+        from dinov3geo.inference.sources import TileStoreSource, as_source
+
+        # the input as the engine will read it (a raster, a mosaic list, a STAC item or a tile store)
+        src = image if isinstance(image, RasterSource) else as_source(image)
+        if (bands is None and meta.get("bands") and set(meta["bands"]) <= set(src.band_names)
+                and not isinstance(src, TileStoreSource)):
+            bands = list(meta["bands"])
+    if src is not None and grid is None and resample_to_model_gsd and gsd:
+        w_m, h_m = pixel_size_xy_m(src.grid)
+        if max(abs(w_m - gsd), abs(h_m - gsd)) > gsd_tolerance * gsd:
+            res_m = max(w_m, h_m)
+            if res_m / gsd > max_resample_factor:
                 raise ValueError(
-                    f"{image} has {res:.3g} m pixels but the model was trained at {gsd:.3g} m: upsampling by "
-                    f"{res / gsd:.3g}x would invent detail the image does not have. Use imagery near {gsd:.3g} m, or "
-                    "map at the image's own resolution anyway with resample_to_model_gsd=False (--keep-resolution)"
+                    f"{_name(image)} has {res_m:.3g} m pixels but the model was trained at {gsd:.3g} m: upsampling "
+                    f"by {res_m / gsd:.3g}x would invent detail the image does not have. Use imagery near "
+                    f"{gsd:.3g} m, or map at the image's own resolution anyway with resample_to_model_gsd=False "
+                    "(--keep-resolution)"
                 )
-            log.warning("%s has %.3g m pixels; the model was trained at %.3g m: reading it at %.3g m",
-                        image, res, gsd, gsd)
-            grid = target_grid(scene.grid, res=gsd)
+            if isinstance(src, TileStoreSource) or (isinstance(image, list | tuple) and len(image) > 1):
+                kind = "tile store" if isinstance(src, TileStoreSource) else "mosaic"
+            else:
+                kind = "image"
+            rx, ry = src.grid.res
+            res = (rx * gsd / w_m, ry * gsd / h_m)  # square pixels of the model's GSD, in the input's CRS units
+            log.warning("%s (%s) has %.3g x %.3g m pixels; the model was trained at %.3g m: reading it at %.3g m%s",
+                        _name(image), kind, w_m, h_m, gsd, gsd,
+                        "" if src.grid.crs.is_projected else f" ({res[0]:.3g} x {res[1]:.3g} degrees)")
+            grid = target_grid(src.grid, res=res)
     path = predict_raster(
         rm, image, out, window=window, overlap=overlap, batch_size=batch_size, bands=bands, aoi=aoi,
         out_grid=grid, device=dev, amp=amp, resume=resume, progress=progress, protect=protect,

@@ -137,7 +137,7 @@ def test_equivalence_with_transformers(hw):
     assert ours.dtype == torch.float32
     assert ours.shape[-2:] == theirs.shape[-2:]
     diff = float((ours[:, 0] - theirs).abs().max())
-    assert diff <= 1e-4, diff
+    assert diff <= 3e-5, diff  # the bound the README states (measured: at most 1.5e-5 m over 5 seeds x 3 sizes)
     assert float(ours.std()) > 1e-3  # outputs are not constant, so the comparison means something
 
 

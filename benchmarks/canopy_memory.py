@@ -27,8 +27,9 @@ What one run does:
 4. **Same map**: every output is compared with the first one of its model and size (max absolute difference
    of height and std, metres).
 5. **Goals** (printed): peak RSS growth <= 1 GiB at the defaults with the ViT-L layout; system time <= 10 %
-   of user time (runs with the fused readout); throughput at the defaults at least that of every batch size
-   tried (ratio >= 1 up to the run-to-run noise, which is printed with ``--repeats`` > 1).
+   of user time (runs with the fused readout); throughput at the defaults at least that of every other batch
+   size tried (ratio >= 1 up to the run-to-run noise, which is printed with ``--repeats`` > 1; the explicit run
+   of the defaults' own batch size is the same computation and is pooled with the defaults).
 
 ``--repeats N`` runs everything N times, interleaved; the fastest run of each configuration is reported with
 the spread (slowest / fastest) and the 1-minute load average at its end (``load``: on a machine shared with
@@ -244,7 +245,10 @@ def main() -> None:
 
     results: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(configs))}
     for rep in range(args.repeats):
-        for i, c in enumerate(configs):
+        order = list(range(len(configs)))
+        order = order[rep % len(order):] + order[: rep % len(order)]  # rotated: no configuration always runs first
+        for i in order:
+            c = configs[i]
             out = work / f"out_{i}.tif"
             spec = {"kind": "predict", "backbone": str(files[c["model"]][0]), "head": str(files[c["model"]][1]),
                     "image": str(images[c["size"]]), "out": str(out), "window": args.window,
@@ -280,12 +284,16 @@ def main() -> None:
     for m in args.models:
         mine = [r for r in records if r["model"] == m and r["size"] == args.size]
         default = next(r for r in mine if r["label"] == "defaults")
-        tried = [r for r in mine if r["fused"] and r["label"] != "defaults"]
-        if tried:
-            fastest = max(tried, key=lambda r: r["px_per_s"])
-            ratio = default["px_per_s"] / fastest["px_per_s"]
-            spread = max(default["spread"], fastest["spread"])
-            goals.append([m, f"defaults px/s / best tried ({fastest['label']})", f"{ratio:.2f}", ">= 1 (noise: spread)",
+        # the defaults' batch size run explicitly is the same computation: its runs count for the defaults too
+        same = [r for r in mine if r["fused"] and r["label"] != "defaults" and r["batch"] == default["batch"]]
+        others = [r for r in mine if r["fused"] and r["label"] != "defaults" and r["batch"] != default["batch"]]
+        if others:
+            best_default = max([default, *same], key=lambda r: r["px_per_s"])
+            fastest = max(others, key=lambda r: r["px_per_s"])
+            ratio = best_default["px_per_s"] / fastest["px_per_s"]
+            spread = max(best_default["spread"], fastest["spread"])
+            goals.append([m, f"defaults (batch {default['batch']}) px/s / best other ({fastest['label']})",
+                          f"{ratio:.2f}", ">= 1 (noise: spread)",
                           "met" if ratio >= 1.0 else f"NOT met (spread {spread:.2f})"])
     fused = [r for r in records if r["fused"]]
     worst = max(fused, key=lambda r: r["sys_s"] / max(r["user_s"], 1e-9))

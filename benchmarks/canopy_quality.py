@@ -124,7 +124,7 @@ def _aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for k, v in runs[0][method].items():
             vals = [r[method][k] for r in runs if isinstance(r[method].get(k), int | float)]
             if isinstance(v, int | float) and len(vals) == len(runs):
-                out[method][k] = (float(np.mean(vals)), float(np.std(vals)))
+                out[method][k] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan"))
     return out
 
 

@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
             agg = {k: float(np.mean([r[k] for r in runs])) for k in ("precision", "recall", "f1", "iou", "oa",
                                                                       "oracle_f1", "kappa")}
-            agg["f1_std"] = float(np.std([r["f1"] for r in runs])) if len(runs) > 1 else None
+            agg["f1_std"] = float(np.std([r["f1"] for r in runs], ddof=1)) if len(runs) > 1 else None
             agg["runs"], agg["train"] = runs, infos
             add(dataset, f"trained head ({tag})", agg)
 

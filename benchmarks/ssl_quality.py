@@ -619,8 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     acc = lambda r: (r["landsat"]["accuracy"] + r["s2"]["accuracy"]) / 2  # noqa: E731
     r_acc = [acc(probes[k]) for k in rand_names]
     r_mae = [probes[k]["canopy"]["mae_m"] for k in rand_names]
-    print(f"random init over {len(rand_names)} seeds: mean acc {np.mean(r_acc):.3f} +- {np.std(r_acc):.3f} "
-          f"(best {max(r_acc):.3f}); canopy MAE {np.mean(r_mae):.2f} +- {np.std(r_mae):.2f} m (best {min(r_mae):.2f})")
+    print(f"random init over {len(rand_names)} seeds: mean acc {np.mean(r_acc):.3f} +- {np.std(r_acc, ddof=1):.3f} (std, ddof=1) "
+          f"(best {max(r_acc):.3f}); canopy MAE {np.mean(r_mae):.2f} +- {np.std(r_mae, ddof=1):.2f} m (best {min(r_mae):.2f})")
     verdict = {
         "ssl_beats_random_landcover": acc(ssl) > acc(rnd),
         "ssl_minus_random_acc": acc(ssl) - acc(rnd),
@@ -629,8 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         "random_seeds": len(rand_names),
         "ssl_beats_every_random_seed_landcover": acc(ssl) > max(r_acc),
         "ssl_beats_every_random_seed_canopy": ssl["canopy"]["mae_m"] < min(r_mae),
-        "random_acc_mean_std": [float(np.mean(r_acc)), float(np.std(r_acc))],
-        "random_mae_mean_std_m": [float(np.mean(r_mae)), float(np.std(r_mae))],
+        "random_acc_mean_std": [float(np.mean(r_acc)), float(np.std(r_acc, ddof=1))],
+        "random_mae_mean_std_m": [float(np.mean(r_mae)), float(np.std(r_mae, ddof=1))],
         "gram_minus_pretrain_acc": acc(gr) - acc(ssl),
         "pretrain_minus_gram_mae_m": ssl["canopy"]["mae_m"] - gr["canopy"]["mae_m"],
     }

@@ -4,7 +4,9 @@ Sub-subcommands:
 
 * ``detect``: change maps, forest loss, polygons and summaries for a pair of dates
   (:func:`dinov3geo.tasks.change.detect.detect_change`);
-* ``train``: see :func:`register_train` below (added by the learned-change module).
+* ``train``: see :func:`register_train` below (added by the learned-change module);
+* ``transitions``: from-to land-use transitions between two class maps
+  (:func:`dinov3geo.tasks.landcover.transitions.transitions`; parser in :mod:`dinov3geo.cli.transitions`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dinov3geo.cli._types import (
     number_list,
     raster_size,
 )
+from dinov3geo.cli.transitions import add_transitions_parser
 
 #: the valid range ``(low, high, high included)`` of ``--threshold`` per method (score's range; low excluded)
 THRESHOLD_RANGE = {
@@ -43,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     csub = p.add_subparsers(dest="change_command", metavar="ACTION")
     register_detect(csub)
     register_train(csub)
+    add_transitions_parser(csub)
 
     def _help(args: argparse.Namespace) -> int:
         p.print_help()

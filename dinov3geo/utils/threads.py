@@ -9,7 +9,8 @@ waiting helps less (3.4 s busy) and costs on idle cores (2.5-2.9 s), so it is no
 :class:`FairThreads` measures, every ``interval`` seconds, how much CPU *other* processes used on the cores this
 process may run on (``/proc/stat`` for those cores minus this process's own time from ``/proc/self/stat``; our
 DataLoader workers and other children count as others, so the intra-op threads leave room for them; niced
-processes do not, since they yield their core) and sets
+processes do not, since they yield their core, unless the kernel's session autogroups are on, where a niced job
+of another session gets an equal share anyway) and sets
 ``torch.set_num_threads`` to the free cores (rounded, at least 1, at most the threads torch had on entry).
 Loops call :meth:`FairThreads.tick` once per step (cheap: it reads two small files at most once per interval).
 On entry it takes one short sample so that the first steps already run with the right count.
@@ -61,8 +62,8 @@ def _cpus() -> list[int]:
 def _busy_ticks(cpus: set[int], nice: bool = False) -> int | None:
     """Busy ticks (user, system, irq, softirq, steal; ``nice`` too when asked) summed over ``cpus``.
 
-    Time of niced processes is left out by default: a ``nice -n 19`` job yields its core to us (CFS gives it
-    ~1.5 % of a core beside a normal thread), so it does not take a core away. None without /proc/stat.
+    Time of niced processes is left out unless ``nice``: a ``nice -n 19`` job yields its core to us (CFS gives
+    it ~1.5 % of a core beside a normal thread), so it does not take a core away. None without /proc/stat.
     """
     try:
         text = Path("/proc/stat").read_text()
@@ -93,6 +94,14 @@ def _own_ticks() -> int | None:
     return int(fields[11]) + int(fields[12])
 
 
+def _autogroup() -> bool:
+    """True when the kernel schedules by session groups (nice then only ranks processes within a group)."""
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
 def _own_nice() -> int:
     try:
         return os.getpriority(os.PRIO_PROCESS, 0)
@@ -103,8 +112,9 @@ def _own_nice() -> int:
 class _Sampler:
     def __init__(self, cpus: list[int]) -> None:
         self.cpus = set(cpus)
-        # a niced dinov3geo counts its own time under "nice": then niced time must be counted to subtract ours
-        self.nice = _own_nice() > 0
+        # niced time counts as load when we are niced ourselves (our own time is then under "nice") and when the
+        # kernel groups processes by session (autogroup: a niced job of another session is not niced against us)
+        self.nice = _own_nice() > 0 or _autogroup()
         self.t = time.monotonic()
         self.busy = _busy_ticks(self.cpus, self.nice)
         self.own = _own_ticks()

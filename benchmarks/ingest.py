@@ -11,10 +11,12 @@ In one run it
    outside a margin and a diagonal swath edge, and image-like content (smooth fields + noise); a small raster
    of the same kind is made for the memory check;
 2. measures the *floor*: a bare loop that reads the same strips (one row of tiles) with rasterio and writes
-   the same tiles into a Zarr v3 array with the tile store's chunking and compression (one chunk per tile),
-   on the same number of threads, with the chunk files written directly by the same ``ChunkWriter`` ingest
-   uses (the fastest way we know; the floor through Zarr's own writer is reported for information);
-3. measures ``ingest`` throughput on the same raster and its ratio to the floor (goal >= 0.8);
+   the same bytes as ingest (the tiles and their per-pixel valid masks) into Zarr v3 arrays with the tile
+   store's chunking and compression (one chunk per tile), on the same number of threads, with the chunk files
+   written directly by the same ``ChunkWriter`` ingest uses (the fastest way we know). Also reported for
+   information: the floor writing the tiles only, and the floor through Zarr's own writer;
+3. measures ``ingest`` throughput on the same raster and its ratio to the same-bytes floor (goal >= 0.8;
+   floor and ingest runs interleaved, the best of ``--repeat`` of each);
 4. runs both with 1 and 2 threads (goal: ingest speed-up >= 1.6; the floor's own scaling is printed since on
    two shared cores it bounds what ingest can reach);
 5. measures peak RSS of ingestion (each run in its own process) on the small and the large raster (goal:
@@ -373,14 +375,15 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
     ingest_n: list[dict[str, Any]] = []
     floor_1: list[dict[str, Any]] = []
     ingest_1: list[dict[str, Any]] = []
+    floor_masks: list[dict[str, Any]] = []
     for rep in range(args.repeat):
         log(f"round {rep + 1}/{args.repeat}")
         floor_n.append(_measure("floor", {**common, "threads": w}, workdir))
+        floor_masks.append(_measure("floor", {**common, "threads": w, "mask": True}, workdir))
         ingest_n.append(_measure("ingest", {**common, "workers": w}, workdir))
         if not args.skip_scaling:
             floor_1.append(_measure("floor", {**common, "threads": 1}, workdir))
             ingest_1.append(_measure("ingest", {**common, "workers": 1}, workdir))
-    floor_mask = _measure("floor", {**common, "threads": w, "mask": True}, workdir)
     floor_zarr = _measure("floor", {**common, "threads": w, "writer": "zarr"}, workdir)
     small_run = None
     if info_small is not None:
@@ -389,9 +392,12 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
                                         "min_valid": args.min_valid, "workers": w}, workdir)
 
     fl, ing = _best(floor_n), _best(ingest_n)
+    floor_mask = _best(floor_masks)
     if fl["tiles"] != ing["tiles"]:
         log(f"WARNING: floor wrote {fl['tiles']} tiles but ingest {ing['tiles']}: the comparison is off")
-    ratio = ing["mb_s"] / fl["mb_s"]
+    # the goal's floor writes the same bytes as ingest: the tiles and their valid masks
+    ratio = ing["mb_s"] / floor_mask["mb_s"]
+    ratio_tiles_only = ing["mb_s"] / fl["mb_s"]
     cpu_ratio = fl["cpu_s_per_gb"] / ing["cpu_s_per_gb"]  # what the ratio would be on idle cores, roughly
     fl1 = _best(floor_1) if floor_1 else None
     ing1 = _best(ingest_1) if ingest_1 else None
@@ -412,12 +418,14 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
         [f"floor MB/s ({w} threads)", fl["mb_s"], "", ""],
         ["floor MB/s (1 thread)", fl1["mb_s"] if fl1 else None, "", ""],
         [f"floor scaling 1 -> {w} threads", floor_scaling, "", ""],
-        [f"floor + valid mask MB/s ({w} threads)", floor_mask["mb_s"], "", "info"],
+        [f"floor writing the same bytes (tiles + valid masks) MB/s ({w} threads)", floor_mask["mb_s"], "",
+         "the goal's floor"],
         [f"floor through Zarr's writer MB/s ({w} threads)", floor_zarr["mb_s"], "", "info (the old floor)"],
         [f"ingest MB/s ({w} workers)", ing["mb_s"], "", ""],
         ["CPU-s per GB: floor / ingest", f"{fl['cpu_s_per_gb']:.1f} / {ing['cpu_s_per_gb']:.1f}", "", "info"],
         ["CPU efficiency floor/ingest", cpu_ratio, "", "info"],
-        ["ingest / floor", ratio, f">= {GOAL_RATIO}", status(ratio >= GOAL_RATIO)],
+        ["ingest / floor (same bytes)", ratio, f">= {GOAL_RATIO}", status(ratio >= GOAL_RATIO)],
+        ["ingest / floor writing the tiles only", ratio_tiles_only, "", "info"],
         ["ingest MB/s (1 worker)", ing1["mb_s"] if ing1 else None, "", ""],
         [f"ingest speed-up 1 -> {w} workers", speedup, f">= {GOAL_SPEEDUP}",
          status(None if speedup is None else speedup >= GOAL_SPEEDUP)],
@@ -445,6 +453,7 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
             "floor": {"threads": w, **fl},
             "floor_1thread": fl1,
             "floor_with_valid_mask": floor_mask,
+            "floor_with_valid_mask_runs": floor_masks,
             "floor_through_zarr": floor_zarr,
             "ingest": {"workers": w, **ing},
             "ingest_1worker": ing1,
@@ -453,7 +462,8 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
                 "floor_mb_s": fl["mb_s"], "floor_1thread_mb_s": fl1["mb_s"] if fl1 else None,
                 "floor_scaling": floor_scaling, "floor_with_mask_mb_s": floor_mask["mb_s"],
                 "ingest_mb_s": ing["mb_s"], "ingest_1worker_mb_s": ing1["mb_s"] if ing1 else None,
-                "ratio_ingest_floor": ratio, "cpu_efficiency_floor_over_ingest": cpu_ratio,
+                "ratio_ingest_floor": ratio, "ratio_ingest_floor_tiles_only": ratio_tiles_only,
+                "cpu_efficiency_floor_over_ingest": cpu_ratio,
                 "speedup": speedup, "floor_cpu_s_per_gb": fl["cpu_s_per_gb"],
                 "ingest_cpu_s_per_gb": ing["cpu_s_per_gb"],
                 "peak_rss_small_mib": rss_small, "peak_rss_large_mib": rss_large, "peak_rss_ratio": rss_ratio,

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dinov3geo-installed
 PYTEST_ARGS ?=
 
-.PHONY: install browser demo test lint bench gpu-check clean
+.PHONY: install browser demo test lint docs bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ test: install browser
 
 lint: install
 	$(VENV)/bin/ruff check dinov3geo tests benchmarks
+
+## Build the documentation site into site/ (mkdocs-material + mkdocstrings API reference + the notebooks as
+## saved; --strict: any warning is an error, as in tests/test_docs.py). Open site/index.html.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+	@echo "docs: site/index.html"
 
 ## On a CUDA machine: the GPU readiness check (CUDA tests, region mapping, torchgeo way, SSL step, data path) in
 ## under 8 minutes; prints a table and writes gpu_check.json (benchmarks/README.md). No install step, so it also

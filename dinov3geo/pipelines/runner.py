@@ -670,6 +670,7 @@ def _run_stages(pipe: Pipeline, forced: set[str], dry_run: bool,
             dt = time.perf_counter() - t0
             say(f"{tag}: FAILED after {dt:.1f} s")
             runs[spec.name] = StageRun(spec.name, spec.type, "failed", dt, reason=str(e))
+            _stac_finish(pipe, i - 1, runs, say)  # describe what the stages before it made
             raise StageFailed(spec.name, spec.type, f"{type(e).__name__}: {e}") from e
         dt = time.perf_counter() - t0
         result = json.loads(json.dumps(result, default=str))
@@ -686,4 +687,114 @@ def _run_stages(pipe: Pipeline, forced: set[str], dry_run: bool,
         _write_manifest(pipe, manifest)
         runs[spec.name] = StageRun(spec.name, spec.type, "done", dt, result, reason)
         say(f"{tag}: done in {dt:.1f} s")
+        _describe_stage(pipe, spec, tag, say, fresh=True, result=result)
+        _write_run_collection(pipe, say)
+    if not dry_run:
+        _stac_finish(pipe, n, runs, say)
     return runs
+
+
+# ------------------------------------------------------------------------------ STAC items and QGIS styles
+#: stage parameters naming the model files of a product (recorded as ``dinov3geo:model`` in its STAC Item)
+MODEL_PARAMS = ("model", "weights", "backbone", "chmv2_backbone", "chmv2_head")
+#: the folder (inside the outputs folder) holding a run's STAC Collection
+STAC_DIR = "stac"
+
+
+def _stage_products(spec: StageSpec) -> list[Path]:
+    """The outputs of ``spec`` that get a STAC Item (COGs, feature Zarr stores, vector files)."""
+    from dinov3geo.io.stac import describable
+
+    return [Path(o) for o in spec.outputs() if describable(o)]
+
+
+def _item_id(pipe: Pipeline, product: Path) -> str:
+    """The product's path relative to the outputs folder, ``/`` -> ``.`` (unique within the run)."""
+    try:
+        rel = product.absolute().relative_to(pipe.outputs.absolute())
+    except ValueError:
+        return product.name
+    return rel.as_posix().replace("/", ".")
+
+
+def _result_dates(result: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """``(date_before, date_after)`` of a stage result (change stages return them) when both parse as dates."""
+    from dinov3geo.io.stac import parse_date
+
+    a, b = (result or {}).get("date_before"), (result or {}).get("date_after")
+    if not a or not b:
+        return None
+    try:
+        parse_date(a, "date_before"), parse_date(b, "date_after")
+    except ValueError:
+        return None
+    return str(a), str(b)
+
+
+def _describe_stage(pipe: Pipeline, spec: StageSpec, tag: str, say: Callable[[str], None], *,
+                    fresh: bool, result: Mapping[str, Any] | None = None) -> None:
+    """Give each product of ``spec`` its QGIS style + GDAL statistics (rasters) and its STAC Item.
+
+    ``fresh``: the stage has just run, so everything is rewritten; otherwise only missing or out-of-date Items
+    (older than their product) are. ``result``: the stage's result (its ``date_before``/``date_after`` date
+    the Items of a change stage). Never fails the run: a sidecar that cannot be written (a file dinov3geo
+    did not write is in the way, an unreadable product) is reported as one line and skipped.
+    """
+    from dinov3geo.io.qgis import style_product
+    from dinov3geo.io.stac import describe_product, is_ours, item_path
+
+    models = [str(v) for k in MODEL_PARAMS if isinstance(v := spec.params.get(k), str) and v
+              and not v.startswith("random:")]
+    inputs = [p for p in spec.inputs() if p not in models]
+    extra = {"dinov3geo:pipeline": pipe.name, "dinov3geo:stage": spec.name, "dinov3geo:stage_type": spec.type}
+    for prod in _stage_products(spec):
+        item = item_path(prod)
+        if not fresh and (item.exists() or item.is_symlink()) and (
+                not is_ours(item) or item.stat().st_mtime_ns >= prod.stat().st_mtime_ns):
+            continue  # up to date, or not ours (said when the stage ran; left alone)
+        try:
+            if prod.suffix.lower() in (".tif", ".tiff"):
+                for note in style_product(prod)["kept"]:
+                    say(f"{tag}: {note}")
+            describe_product(prod, inputs=inputs, model=models or None, item_id=_item_id(pipe, prod),
+                             extra_properties=extra, datetime=_result_dates(result))
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - a sidecar never fails the run; the user is told
+            say(f"{tag}: no STAC item for {prod}: {e}")
+
+
+def _write_run_collection(pipe: Pipeline, say: Callable[[str], None]) -> Path | None:
+    """Write ``<outputs>/stac/collection.json`` linking the STAC Items of every stage's products (when there
+    is at least one); rewritten only when it changes."""
+    from dinov3geo.io.stac import is_ours, item_path, write_collection
+
+    items = []
+    for spec in pipe.stages:
+        for prod in _stage_products(spec):
+            item = item_path(prod)
+            if item.is_file() and is_ours(item):
+                items.append(item)
+    if not items:
+        return None
+    try:
+        return write_collection(items, pipe.outputs / STAC_DIR, pipe.name,
+                                pipe.description or f"Products of the dinov3geo pipeline {pipe.name!r}",
+                                title=f"dinov3geo pipeline {pipe.name}",
+                                extra_fields={"dinov3geo:pipeline": pipe.name})
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - as for the items
+        say(f"STAC collection not written: {e}")
+        return None
+
+
+def _stac_finish(pipe: Pipeline, upto: int, runs: Mapping[str, StageRun], say: Callable[[str], None]) -> None:
+    """End of a run: Items for the products of the first ``upto`` stages that lack an up-to-date one (stages
+    skipped as up to date, products of runs before Items were written), then the run's Collection."""
+    n = len(pipe.stages)
+    for i, spec in enumerate(pipe.stages[:upto], 1):
+        run = runs.get(spec.name)
+        _describe_stage(pipe, spec, f"[{i}/{n}] {spec.name} ({spec.type})", say, fresh=False,
+                        result=run.result if run is not None else None)
+    _write_run_collection(pipe, say)

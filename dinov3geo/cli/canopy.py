@@ -240,6 +240,11 @@ def run_predict(args: argparse.Namespace) -> int:
         amp=None if args.amp == "none" else args.amp, resample_to_model_gsd=not args.keep_resolution,
         resume=not args.no_resume, progress=not args.quiet, **extra,
     )
+    from dinov3geo.cli._sidecars import write_sidecars
+
+    summary = [Path(args.summary).with_suffix(x) for x in (".gpkg",)] if args.summary else []
+    write_sidecars([out, *summary], inputs=[*map(str, args.image), *([args.aoi] if args.aoi else [])],
+                   model=[args.model, args.chmv2_backbone, args.chmv2_head], command="canopy predict")
     if not args.quiet:
         print(f"canopy height map: {out} (bands height, height_std; metres)")
         if args.summary:

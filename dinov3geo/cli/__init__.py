@@ -68,20 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     from dinov3geo.cli import features as features_cmd
     from dinov3geo.cli import info as info_cmd
     from dinov3geo.cli import ingest as ingest_cmd
+    from dinov3geo.cli import landcover as landcover_cmd
     from dinov3geo.cli import pretrain as pretrain_cmd
     from dinov3geo.cli import run as run_cmd
 
     p = CLIParser(
         prog="dinov3geo",
         description="Remote sensing with self-supervised DINOv3 backbones: ingest scenes into a tile store, "
-        "pretrain, and map canopy height and forest change.",
+        "pretrain, and map canopy height, land cover, land-use transitions and forest change.",
     )
     p.add_argument("--version", action="version", version=f"dinov3geo {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug); "
                    "tracebacks of errors")
     p.add_argument("-q", "--quiet", action="store_true", help="only errors; no progress bars")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    for mod in (ingest_cmd, info_cmd, pretrain_cmd, features_cmd, canopy_cmd, run_cmd, change_cmd):
+    for mod in (ingest_cmd, info_cmd, pretrain_cmd, features_cmd, canopy_cmd, landcover_cmd, run_cmd, change_cmd):
         mod.register(sub)
     _mark_commands(p)
     return p

@@ -14,6 +14,16 @@ round): their median and range show the spread on a busy machine. Several ``--ar
 Example::
 
     .venv/bin/python benchmarks/backbone.py --arch vits16 convnext_tiny --sizes 224 512 --threads 2 [--json out.json]
+
+``--settings`` measures instead, for each ConvNeXt ``--arch``, what ``dinov3geo features`` runs per window (the
+:class:`~dinov3geo.inference.BackboneFeatures` forward: normalisation, bottom/right padding to 32, the last
+stage resized to the 16 px grid) in four settings: memory layout channels-last (``ConvNeXt.channels_last``, the
+default) or NCHW, times fp32 or bf16 autocast. Interleaved rounds as above; reported: images/s (fastest and
+median), the per-round speed-up over the default (channels-last fp32; median and range) and the largest
+absolute deviation of the features from the fp32 NCHW reference (exactness: fp32 settings must agree to float
+rounding; bf16 is not exact)::
+
+    .venv/bin/python benchmarks/backbone.py --settings --arch convnext_tiny --sizes 224 512 --batch 4
 """
 
 from __future__ import annotations
@@ -75,6 +85,61 @@ def bench(
     return {k: x.shape[0] / stat(v) for k, v in times.items()}, times
 
 
+SETTINGS: tuple[tuple[str, bool, bool], ...] = (
+    ("channels-last fp32 (default)", True, False),
+    ("NCHW fp32", False, False),
+    ("channels-last bf16", True, True),
+    ("NCHW bf16", False, True),
+)
+
+
+def settings_bench(arch: str, size: int, batch: int, warmup: int, repeat: int) -> tuple[list[list], list[dict]]:
+    """Rows / JSON results of the ``--settings`` mode for one ConvNeXt arch and window size."""
+    from dinov3geo.inference import BackboneFeatures
+
+    torch.manual_seed(0)
+    bb = build_backbone(arch).eval()
+    if not isinstance(bb, ConvNeXt):
+        raise SystemExit(f"--settings measures ConvNeXt layouts; {arch!r} is not a ConvNeXt")
+    with torch.no_grad():  # real layer scales (Meta's init of 1e-6 makes every block a near-identity)
+        for stage in bb.stages:
+            for block in stage:
+                block.gamma.uniform_(0.1, 1.0)
+    model = BackboneFeatures(bb, value_scale=1 / 255)
+    x = torch.rand(batch, 3, size, size) * 255
+    valid = torch.ones(batch, size, size, dtype=torch.bool)
+
+    def run(channels_last: bool, bf16: bool) -> torch.Tensor:
+        bb.channels_last = channels_last
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with torch.inference_mode(), ctx:
+            return model(x, valid).float()
+
+    ref = run(False, False)
+    dev = {name: float((run(cl, bf) - ref).abs().max()) for name, cl, bf in SETTINGS}
+    for _ in range(warmup):
+        for _name, cl, bf in SETTINGS:
+            run(cl, bf)
+    times: dict[str, list[float]] = {name: [] for name, _, _ in SETTINGS}
+    for _ in range(repeat):
+        for name, cl, bf in SETTINGS:
+            t0 = time.perf_counter()
+            run(cl, bf)
+            times[name].append(time.perf_counter() - t0)
+    bb.channels_last = True
+    base = SETTINGS[0][0]
+    rows, results = [], []
+    for name, cl, bf in SETTINGS:
+        ratios = [b / t for b, t in zip(times[base], times[name], strict=True)]
+        fast, med = batch / min(times[name]), batch / statistics.median(times[name])
+        rows.append([arch, size, name, fast, med, f"{statistics.median(ratios):.3f}",
+                     f"{min(ratios):.2f}-{max(ratios):.2f}", f"{dev[name]:.1e}"])
+        results.append({"arch": arch, "size": size, "setting": name, "channels_last": cl, "bf16": bf,
+                        "img_s_fastest": fast, "img_s_median": med, "speedup_vs_default": ratios,
+                        "times_s": times[name], "max_abs_dev_vs_fp32_nchw": dev[name]})
+    return rows, results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -91,6 +156,8 @@ def main() -> None:
     p.add_argument("--median", action="store_true", help="report the median run instead of the fastest")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--settings", action="store_true",
+                   help="ConvNeXt feature-wrapper forward in channels-last/NCHW x fp32/bf16 instead of vs timm")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -102,6 +169,21 @@ def main() -> None:
         f"{torch.backends.cpu.get_cpu_capability()}; native bf16: {cpu.get('native_bf16')}",
         flush=True,
     )
+    if args.settings:
+        rows, results = [], []
+        for arch in args.arch:
+            for size in args.sizes:
+                log(f"{arch} {size}px settings")
+                r, res = settings_bench(arch, size, args.batch, args.warmup, args.repeat)
+                rows += r
+                results += res
+        print_table(rows, ["arch", "size", "setting", "img/s (fastest)", "img/s (median)",
+                           "speed-up vs default (median)", "(range)", "max |dev| vs fp32 NCHW"],
+                    title=f"BackboneFeatures forward, batch={args.batch} threads={torch.get_num_threads()} "
+                          f"torch={torch.__version__} ({args.repeat} interleaved rounds)")
+        if args.json:
+            write_json(args.json, {"args": vars(args), "environment": environment(), "results": results})
+        return
     rows, results = [], []
     for arch in args.arch:
         torch.manual_seed(0)

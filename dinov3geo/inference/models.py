@@ -202,16 +202,35 @@ class BackboneFeatures(RasterModel):
     resolution (``scale = 1``; large outputs). An optional ``head`` (``[B, D, h, w] -> [B, K, h, w]``, e.g. a
     1x1 conv regression head) turns the features into ``K`` bands.
 
+    **ConvNeXt backbones** (:class:`~dinov3geo.models.ConvNeXt`) work the same way: ``layer`` picks one of
+    the four stages (``-1``: the last, ``embed_dim`` channels; stage ``i`` has ``embed_dims[i]``), whose map
+    is resized to the 16 px grid by the backbone. Windows (multiples of 16) are padded at the bottom/right by
+    reflection to a multiple of 32, the ConvNeXt's total stride, and the features cropped back
+    (:func:`dinov3geo.models.taps.tap_maps`); windows whose origins are multiples of 32 then give the same
+    features where they overlap, away from the window edges (the engine's lattice puts origins on multiples
+    of 32 when the window and the overlap are, except the last row/column of windows, shifted to end at the
+    grid edge: aligned too when the raster side minus the window is a multiple of 32, else their stage-3
+    cells sit 16 px off those of their neighbours, which the blend ramp hides). Eval forwards run in
+    channels-last memory layout from the stem on (``ConvNeXt.channels_last``, the default: bitwise the same
+    features as NCHW input, as fast or faster: ``benchmarks/backbone.py --settings``) with oneDNN's fused
+    linears; precision follows the engine's ``amp``: fp32 on CPU unless asked (``amp="bf16"``, only worth it on
+    CPUs with native bf16, :func:`dinov3geo.utils.cpu.native_bf16`, and not exact: about 3e-2 absolute on the
+    normalised features of ConvNeXt-T).
+
     Args:
-        backbone: a :class:`~dinov3geo.models.DinoVisionTransformer` (``get_intermediate_layers`` API).
+        backbone: a :class:`~dinov3geo.models.DinoVisionTransformer` or :class:`~dinov3geo.models.ConvNeXt`
+            (``get_intermediate_layers`` API).
         value_scale: factor taking raw values to ``[0, 1]`` (e.g. ``1/255`` for uint8, ``1e-4`` for S2 L2A).
-        mean, std: per-band normalisation after ``value_scale`` (default: the SAT-493M RGB statistics when the
-            backbone has 3 input channels, else none).
-        layer: which block's output (``-1`` last).
+        mean, std: per-band normalisation after ``value_scale`` (default, for 3 input channels: the backbone
+            family's RGB statistics, :func:`dinov3geo.models.taps.default_normalization`: SAT-493M for a
+            ViT, LVD-1689M (ImageNet) for a ConvNeXt; else none).
+        layer: which block's (ConvNeXt: stage's) output (``-1`` last).
         head: optional module applied to the ``[B, D, h, w]`` features.
         out_bands, band_names: when a head is given, its output bands (default ``feat_000``... otherwise).
         receptive_margin: edge margin in input pixels (default 2 patches; ViTs see the whole window, so this
-            is the zone whose tokens are most affected by the window edge, not a strict receptive field).
+            is the zone whose tokens are most affected by the window edge, not a strict receptive field; a
+            ConvNeXt's theoretical field is far wider, :func:`dinov3geo.models.taps.receptive_radius`, but
+            its effective one is narrow, and the default half-window overlap blends over a wide ramp).
         upsample: resize outputs to input resolution.
     """
 
@@ -229,23 +248,28 @@ class BackboneFeatures(RasterModel):
         receptive_margin: int | None = None,
         upsample: bool = False,
     ) -> None:
+        from dinov3geo.models.taps import default_normalization, tap_widths
+
         self.backbone = backbone
         self.head = head
         # a ViT attends to the whole window (a ConvNeXt only to its receptive field, but a wide one)
         self.global_context = True
-        self.patch = int(getattr(backbone, "patch_size", 16))
+        patch = getattr(backbone, "patch_size", 16)
+        self.patch = int(patch) if patch is not None else 32  # a ConvNeXt with patch_size=None: stride 32
         in_chans = getattr(getattr(backbone, "patch_embed", None), "in_chans", None)
         if in_chans is None:
             proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
             in_chans = getattr(proj, "in_channels", None)
         self.in_bands = int(in_chans) if in_chans is not None else None
         if mean is None and std is None and self.in_bands == 3:
-            from dinov3geo.models import SAT493M
-
-            mean, std = SAT493M.mean, SAT493M.std
+            norm = default_normalization(backbone)
+            mean, std = norm.mean, norm.std
         self._norm = _Normalise(value_scale, mean, std)
         self.layer = layer
-        embed = int(getattr(backbone, "embed_dim", 0))
+        if hasattr(backbone, "blocks"):
+            embed = tap_widths(backbone, [self._layer_index()])[0]
+        else:
+            embed = int(getattr(backbone, "embed_dim", 0))
         if head is None:
             self.out_bands = embed
             self.band_names = tuple(band_names) if band_names else tuple(f"feat_{k:03d}" for k in range(embed))
@@ -265,7 +289,9 @@ class BackboneFeatures(RasterModel):
         h, w = x.shape[-2:]
         if h % self.patch or w % self.patch:
             raise ValueError(f"window {h}x{w} is not a multiple of the patch size {self.patch}")
-        feats = self.backbone.get_intermediate_layers(x, n=[self._layer_index()], reshape=True, norm=True)[0]
+        from dinov3geo.models.taps import tap_maps
+
+        feats = tap_maps(self.backbone, x, [self._layer_index()])[0]
         if self.head is not None:
             feats = self.head(feats)
         if self.upsample:

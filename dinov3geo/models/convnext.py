@@ -53,7 +53,10 @@ What differs from Meta's class, all compatible extensions:
   each with its own stage's norm, which is the same for sorted ``n``). ``return_extra_tokens`` (empty
   ``[B, 0, C]`` storage tokens) and ``pad_to_multiple`` exist for the ViT's signature.
 * ``forward_features(list)`` accepts ``masks=None``; inputs smaller than 32x32 (the total stride) or with
-  the wrong number of channels raise a readable ``ValueError``.
+  the wrong number of channels raise a readable ``ValueError``. ``ConvNeXt.tokens_on_grid = True`` (off by
+  default, not part of the weights) makes ``forward_features`` return its patch tokens on the
+  ``patch_size`` grid, the last stage map resized as ``get_intermediate_layers`` resizes it: what a ConvNeXt
+  student distilled from a ViT/16 teacher needs for the iBOT loss at the teacher's patch indices.
 * Numerically equivalent (float tolerance, not bitwise) faster kernels: channels-first LayerNorms run
   ``F.layer_norm`` on the channels-last view (one fused kernel instead of Meta's five elementwise ops);
   eval forwards without autograd take the input in channels-last memory layout (``ConvNeXt.channels_last``)
@@ -475,6 +478,11 @@ class ConvNeXt(nn.Module):
         self.input_pad_size = 4
         #: run eval forwards in channels-last memory layout (faster on CPU; same values)
         self.channels_last = True
+        #: ``forward_features`` gives patch tokens on the ``patch_size`` grid (the last stage map resized as
+        #: ``get_intermediate_layers`` does) instead of Meta's native stride-32 tokens; the pooled "class token"
+        #: is unchanged. Set on a ConvNeXt *student* distilled from a ViT/16 teacher, whose iBOT targets are
+        #: the teacher's 16 px patch tokens (:mod:`dinov3geo.ssl.meta_arch`); not saved with the weights.
+        self.tokens_on_grid = False
         self.metadata: Any = None  # BackboneMetadata attached by load_backbone
         self.arch_name: str | None = None  # registered arch name, set by build_backbone / load_backbone
         self.load_report: Any = None  # checkpoint.LoadReport, set by load_backbone
@@ -556,11 +564,14 @@ class ConvNeXt(nn.Module):
         output: list[dict[str, Tensor | None]] = []
         for x, masks in zip(x_list, masks_list, strict=True):
             self._check_input(x)
+            h, w = x.shape[-2:]
             x = self._layout(x)
             for i in range(4):
                 x = self.downsample_layers[i](x)
                 x = self.stages[i](x)
             x_pool = x.mean([-2, -1])
+            if self.tokens_on_grid:  # dinov3geo: patch tokens on the stride-``patch_size`` grid (SSL students)
+                x = self._resize(x, h, w)
             x = torch.flatten(x, 2).transpose(1, 2)
             # Meta normalises cat([pool, patches]); LayerNorm is per token, so normalising them apart is equal
             cls = self.norm(x_pool)

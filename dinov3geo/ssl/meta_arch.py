@@ -7,6 +7,17 @@ combined with the official scales (global/local DINO terms weighted by their pai
 ``0.1 x n_global``, iBOT 1), plus the Gram-anchoring loss when enabled. Device-agnostic (no ``.cuda()``):
 the caller (the Lightning module) moves the batch.
 
+**ConvNeXt students** (``student.arch: convnext_*``) are trained by distillation from a frozen ViT/16 teacher
+only, as Meta distilled its ConvNeXts from the 7B ViT. Distillation feeds the student unmasked global crops
+(Meta's ``masks=None`` when distilling, spec section 5) and computes the iBOT loss at the sampled "masked"
+indices anyway, so a CNN student needs no mask tokens; its DINO/KoLeo inputs are the pooled "class token"
+(``x_norm_clstoken``, the normalised global average of the last stage) and its iBOT inputs the last stage's
+normalised patch tokens *resized to the 16 px grid* (``ConvNeXt.tokens_on_grid``, the resize of
+``get_intermediate_layers``), so that they line up with the teacher's patch indices (Meta's public
+``forward_features`` gives stride-32 tokens, which do not; its ConvNeXt distillation recipe is not released).
+Self-distillation (no ``distillation``) of a ConvNeXt is refused: the student would see the very crops the
+teacher sees, the iBOT task would be void.
+
 Nodata handling: crops carry valid masks; patches that are entirely nodata in a global crop are excluded
 from the iBOT loss (their weight is set to 0 and the remaining weights renormalised per image), so nodata
 never becomes training signal; nodata pixels themselves enter the network as the normalised zero (band
@@ -23,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinov3geo.models import build_backbone, load_backbone
+from dinov3geo.models import ConvNeXt, build_backbone, load_backbone
+from dinov3geo.models.convnext import TOTAL_STRIDE
 from dinov3geo.ssl.checkpoints import (
     load_teacher_backbone,
     load_teacher_modules,
@@ -37,6 +49,35 @@ from dinov3geo.ssl.precision import cast_call
 from dinov3geo.ssl.schedules import ScheduleSpec
 
 log = logging.getLogger("dinov3geo.ssl")
+
+
+def _check_convnext_student(cfg: SSLConfig, backbone: ConvNeXt) -> None:
+    """What a ConvNeXt student needs (one-line ``ValueError`` naming the key otherwise): distillation from a
+    ViT teacher, a 16 px grid equal to ``student.patch_size``, global crops a multiple of 32 (its total
+    stride: exact stage grids) and local crops of at least 32 px."""
+    arch = cfg.student.arch
+    if not cfg.distillation.enabled:
+        raise ValueError(
+            f"student.arch {arch} is a ConvNeXt: it is trained by distillation only (set distillation.enabled: true "
+            "and distillation.teacher_checkpoint: a ViT stage checkpoint); a CNN cannot take the iBOT mask tokens "
+            "that self-distillation feeds the student")
+    if backbone.patch_size is None or int(backbone.patch_size) != int(cfg.student.patch_size):
+        raise ValueError(f"student.patch_size is {cfg.student.patch_size} but the ConvNeXt student's grid is "
+                         f"{backbone.patch_size}: set student.overrides.patch_size to {cfg.student.patch_size}")
+    sizes = [("crops.global_crops_size", cfg.crops.global_crops_size)]
+    sizes += [(f"crops.resolution_mix[{i}].global_crops_size", int(m["global_crops_size"]))
+              for i, m in enumerate(cfg.crops.resolution_mix) if "global_crops_size" in m]
+    for key, size in sizes:
+        if int(size) % TOTAL_STRIDE:
+            up = -(-int(size) // TOTAL_STRIDE) * TOTAL_STRIDE
+            raise ValueError(f"{key} is {size}: a ConvNeXt student needs global crops that are a multiple of "
+                             f"{TOTAL_STRIDE} (its total stride), e.g. {up}")
+    locals_ = [("crops.local_crops_size", cfg.crops.local_crops_size)]
+    locals_ += [(f"crops.resolution_mix[{i}].local_crops_size", int(m["local_crops_size"]))
+                for i, m in enumerate(cfg.crops.resolution_mix) if "local_crops_size" in m]
+    for key, size in locals_:
+        if int(size) < TOTAL_STRIDE:
+            raise ValueError(f"{key} is {size}: a ConvNeXt student needs crops of at least {TOTAL_STRIDE} px")
 
 
 def _block_schedule(spec: dict[str, Any] | None, total: int) -> Any:
@@ -70,6 +111,10 @@ class SSLMetaArch(nn.Module):
         student_backbone = build_backbone(cfg.student.arch, **overrides)
         if cfg.student.pretrained_weights:
             student_backbone = load_backbone(cfg.student.pretrained_weights, arch=None, strict=True)
+        self.convnext_student = isinstance(student_backbone, ConvNeXt)
+        if self.convnext_student:
+            _check_convnext_student(cfg, student_backbone)
+            student_backbone.tokens_on_grid = True  # iBOT: patch tokens on the teacher's 16 px grid
         embed_dim = student_backbone.embed_dim
         self.embed_dim = embed_dim
 
@@ -93,6 +138,14 @@ class SSLMetaArch(nn.Module):
                 if tcfg[sec]["head_n_prototypes"] != getattr(cfg, sec).head_n_prototypes:
                     raise ValueError(f"{sec}.head_n_prototypes must equal the teacher's "
                                      f"({tcfg[sec]['head_n_prototypes']}) for distillation")
+            if self.convnext_student:
+                tb = teacher["backbone"]
+                if isinstance(tb, ConvNeXt) or int(getattr(tb, "patch_size", 0)) != int(student_backbone.patch_size):
+                    raise ValueError(
+                        f"distillation.teacher_checkpoint {cfg.distillation.teacher_checkpoint} holds a "
+                        f"{'ConvNeXt' if isinstance(tb, ConvNeXt) else f'ViT/{tb.patch_size}'} teacher; a ConvNeXt "
+                        f"student ({cfg.student.arch}) distils from a ViT/{student_backbone.patch_size} teacher "
+                        "(its iBOT targets are the teacher's patch tokens on that grid)")
             self.teacher = teacher
             self.student_ema = copy.deepcopy(self.student)
             self.student_ema.requires_grad_(False)

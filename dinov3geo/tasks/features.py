@@ -9,8 +9,15 @@ nodata as NaN. A 3-component PCA of the features (fitted on valid pixels) is ren
 georeferenced RGB GeoTIFF (COG).
 
 Normalisation follows the backbone's metadata (dinov3geo checkpoints carry band names, mean/std and the
-value scale they were trained with); Meta's weights without metadata use the SAT-493M constants on
-``[0, 1]`` values (uint8 inputs are divided by 255).
+value scale they were trained with); Meta's weights without metadata use their family's constants on
+``[0, 1]`` values (uint8 inputs are divided by 255): SAT-493M for the ViTs, LVD-1689M (ImageNet mean/std)
+for the ConvNeXts, which Meta distilled on web images.
+
+**ConvNeXt backbones** (``dinov3_convnext_*`` files, or a ConvNeXt distilled by ``dinov3geo pretrain``): the
+same command, ``layers`` naming stages (0-3, ``-1`` the last). Several layers are concatenated: the feature
+count is the sum of their widths (ConvNeXt-T: 96, 192, 384, 768 for stages 0-3). Windows are padded to a
+multiple of 32 inside the model wrapper (reflection, bottom/right) and cropped back
+(:class:`~dinov3geo.inference.BackboneFeatures`).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from torch import Tensor
 
 from dinov3geo.inference import BackboneFeatures, predict_raster
 from dinov3geo.io.grid import GridSpec
-from dinov3geo.models import SAT493M, build_backbone, load_backbone
+from dinov3geo.models import build_backbone, load_backbone
 from dinov3geo.utils.atomic import check_writable
 from dinov3geo.utils.locks import output_lock
 from dinov3geo.utils.outputs import folder_kind, guard_output, mark_folder, remove_owned
@@ -52,23 +59,52 @@ class FeatureResult:
 
 
 class MultiLayerFeatures(BackboneFeatures):
-    """:class:`BackboneFeatures` over several blocks, concatenated along the feature axis."""
+    """:class:`BackboneFeatures` over several blocks (ConvNeXt: stages), concatenated along the feature axis.
+
+    Band count: the sum of the tapped layers' widths, ``len(layers) * embed_dim`` for a ViT and
+    ``sum(embed_dims[i] for i in layers)`` for a ConvNeXt (ConvNeXt-T stages 0-3: 96 + 192 + 384 + 768), bands
+    named ``l<layer>_f<k>`` in layer order. Duplicate layers are refused (a ConvNeXt taps each stage once).
+    A ConvNeXt's stages 0-2 come out un-normalised, as in Meta's ``get_intermediate_layers`` (only the last
+    stage has a LayerNorm), so their scales differ from the last stage's.
+    """
 
     def __init__(self, backbone: torch.nn.Module, layers: Sequence[int], **kw: Any) -> None:
-        super().__init__(backbone, **kw)
-        depth = len(backbone.blocks)
-        self.layers = [int(x) % depth for x in layers]
-        d = int(backbone.embed_dim)
-        self.out_bands = d * len(self.layers)
-        self.band_names = tuple(f"l{li:02d}_f{k:03d}" for li in self.layers for k in range(d))
+        from dinov3geo.models.taps import n_taps, tap_widths
+
+        depth = n_taps(backbone)
+        if not layers:
+            raise ValueError("layers is empty: give at least one block index, e.g. -1 (CLI: --layers)")
+        bad = [int(x) for x in layers if not -depth <= int(x) < depth]
+        if bad:
+            what = "stages (0-3, or -1 for the last)" if depth == 4 and hasattr(backbone, "embed_dims") else "blocks"
+            raise ValueError(f"layers {bad} out of range: the backbone has {depth} {what} (CLI: --layers)")
+        resolved = [int(x) % depth for x in layers]
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(f"layers {list(layers)} name the same block twice ({resolved}); give each once "
+                             "(CLI: --layers)")
+        super().__init__(backbone, layer=resolved[-1], **kw)
+        self.layers = resolved
+        widths = tap_widths(backbone, self.layers)
+        self.out_bands = sum(widths)
+        self.band_names = tuple(f"l{li:02d}_f{k:03d}" for li, d in zip(self.layers, widths, strict=True)
+                                for k in range(d))
 
     def forward(self, x: Tensor, valid: Tensor) -> Tensor:
-        feats = self.backbone.get_intermediate_layers(x, n=self.layers, reshape=True, norm=True)
-        return torch.cat(list(feats), dim=1)
+        from dinov3geo.models.taps import tap_maps
+
+        return torch.cat(tap_maps(self.backbone, x, self.layers), dim=1)
 
 
 def normalisation_for(backbone: Any, dtype: str) -> tuple[float, list[float] | None, list[float] | None]:
-    """(value_scale, mean, std) to feed ``backbone`` with raw pixels of ``dtype``."""
+    """(value_scale, mean, std) to feed ``backbone`` with raw pixels of ``dtype``.
+
+    The backbone's metadata when it has mean/std (dinov3geo checkpoints); else, for 3 input channels, the
+    family's RGB constants on ``[0, 1]`` values (uint8 divided by 255): SAT-493M for a ViT, LVD-1689M
+    (ImageNet) for a ConvNeXt, Meta's ConvNeXts being web-image models
+    (:func:`dinov3geo.models.taps.default_normalization`); else none.
+    """
+    from dinov3geo.models.taps import default_normalization
+
     meta = getattr(backbone, "metadata", None)
     int8 = np.dtype(dtype) == np.uint8
     if meta is not None and meta.mean is not None and meta.std is not None:
@@ -78,7 +114,8 @@ def normalisation_for(backbone: Any, dtype: str) -> tuple[float, list[float] | N
             return 1.0 / float(hi), list(meta.mean), list(meta.std)
         return 1.0, list(meta.mean), list(meta.std)
     if backbone.patch_embed.proj.in_channels == 3:
-        return (1 / 255 if int8 else 1.0), list(SAT493M.mean), list(SAT493M.std)
+        norm = default_normalization(backbone)
+        return (1 / 255 if int8 else 1.0), list(norm.mean), list(norm.std)
     return 1.0, None, None
 
 
@@ -108,7 +145,8 @@ def extract_features(
         out: output ``.zarr`` path (replaced atomically).
         weights: backbone weights (Meta, timm or dinov3geo format); None builds ``arch`` with random weights
             (only useful for testing).
-        layers: block indices (negative from the end) whose normed patch tokens are concatenated.
+        layers: block indices (ConvNeXt: stage indices 0-3; negative from the end) whose normed patch tokens
+            are concatenated (see :class:`MultiLayerFeatures` for the band count).
         bands: input bands by name or index (default all; must match the backbone's channels).
         window, overlap, batch_size, device, amp: inference-engine settings.
         pca: also write ``<out stem>_pca.png`` and ``<out stem>_pca.tif``.

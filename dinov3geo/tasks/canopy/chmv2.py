@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinov3geo.models import CheckpointError, DinoVisionTransformer, load_backbone, read_checkpoint
+from dinov3geo.models import CheckpointError, ConvNeXt, DinoVisionTransformer, load_backbone, read_checkpoint
 from dinov3geo.models.checkpoint import _diff
 from dinov3geo.models.layers.rope import compute_periods
 from dinov3geo.models.padding import _pad_amounts, pad_to_patch_multiple
@@ -89,6 +89,15 @@ def needs_grad(module: nn.Module, features: Sequence[Any]) -> bool:
     return any(t.requires_grad for f in features for t in (f if isinstance(f, (tuple, list)) else (f,)))
 
 
+def convnext_refusal(backbone: Any, what: str = "") -> str:
+    """The one-line refusal of a non-ViT (ConvNeXt) backbone for CHMv2."""
+    kind = "a ConvNeXt" if isinstance(backbone, ConvNeXt) else f"a {type(backbone).__name__}"
+    src = f"{what} is " if what else "the backbone is "
+    return (f"{src}{kind} backbone, but CHMv2 is defined on the ViT-L/16 SAT-493M backbone's blocks "
+            f"{list(CHMV2_LAYERS)}: give dinov3_vitl16_pretrain_sat493m-*.pth as the CHMv2 backbone, or train a "
+            "canopy head on the ConvNeXt with `dinov3geo canopy train` (model.backbone: the ConvNeXt file)")
+
+
 def centre_crop_box(size: int, multiple: int) -> tuple[int, int]:
     """``(start, stop)`` of the original ``size`` pixels inside its centre padding to ``multiple``."""
     left, _ = _pad_amounts(size, multiple)
@@ -105,7 +114,8 @@ class CHMv2(nn.Module):
     """Meta's CHMv2 depther: frozen DINOv3 backbone + DPT head + mixlog bins; heights in metres.
 
     Args:
-        backbone: a :class:`~dinov3geo.models.DinoVisionTransformer`.
+        backbone: a :class:`~dinov3geo.models.DinoVisionTransformer` (a ConvNeXt is refused: CHMv2 is defined
+            on the ViT-L/16 SAT-493M blocks; train a head on a ConvNeXt with :mod:`dinov3geo.tasks.canopy.train`).
         head: a :class:`~dinov3geo.tasks.canopy.dpt.DPTHead` (its ``n_bins`` must match ``bins``).
         bins: default: Meta's ``HeightBins(head.n_bins, "chmv2_mixlog", "chmv2_mixlog", 0.001, 96)``.
         layers: 0-based backbone blocks to tap (default ``[5, 11, 17, 23]`` for 24 blocks, evenly spaced
@@ -126,6 +136,8 @@ class CHMv2(nn.Module):
         layers: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(backbone, DinoVisionTransformer):
+            raise ValueError(convnext_refusal(backbone))
         self.backbone = backbone
         self.head = head
         self.bins = bins if bins is not None else HeightBins(head.n_bins)
@@ -322,6 +334,9 @@ def load_chmv2(
         dpt = _build_head(h_sd, f"{what} (head.* keys)", factors)
     else:
         bb = load_backbone(backbone, device="cpu")
+        if not isinstance(bb, DinoVisionTransformer):
+            where = str(backbone) if not isinstance(backbone, Mapping) else "the given backbone state dict"
+            raise CheckpointError(convnext_refusal(bb, where))
         what = str(head) if not isinstance(head, Mapping) else "the given head state dict"
         dpt = _build_head(_head_state_dict(read_checkpoint(head), what), what)
     bins = HeightBins(dpt.n_bins, **bins_kw)

@@ -4,7 +4,8 @@ Written from the description in ``shared/reference/chmv2-spec.md`` sections 5 an
 With the ViT-L defaults the state dict has 68 tensors and 33,747,200 parameters, key for key equal to
 ``dinov3_vitl16_chmv2_dpt_head-3703d643.pth``.
 
-Data flow for features ``[(patch_map_i [B, D, h, w], cls_i [B, D])]`` of 4 backbone levels (``h, w`` = patch grid):
+Data flow for features ``[(patch_map_i [B, D, h, w], cls_i [B, D])]`` of 4 backbone levels (``h, w`` = patch grid;
+``D`` may differ per level, ``D_i``, for a ConvNeXt's four stages: ``in_channels`` is then a list):
 
 1. readout: ``project`` (``GELU(Linear(2D -> D)(concat(patch, cls)))`` per token), ``add`` (patch + cls) or
    ``ignore`` (cls unused);
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 
 from dinov3geo.tasks.canopy.bins import HeightBins, chunk_bytes_for, chunk_rows, readout_dtype, sum_dtype
 
-__all__ = ["READOUTS", "DPTHead", "dpt_config_from_state_dict", "upsample_rows_x2"]
+__all__ = ["READOUTS", "DPTHead", "dpt_config_from_state_dict", "level_channels", "upsample_rows_x2"]
 
 READOUTS = ("project", "add", "ignore")
 DEFAULT_FACTORS = (4.0, 2.0, 1.0, 0.5)
@@ -95,12 +96,26 @@ class FusionBlock(nn.Module):
         return self.project(x)
 
 
+def level_channels(in_channels: int | Sequence[int], n_levels: int) -> list[int]:
+    """Per-level input widths: one ``int`` for every level (a ViT), or one width per level (a ConvNeXt's
+    stages); a sequence must have ``n_levels`` entries."""
+    if isinstance(in_channels, int | float):
+        return [int(in_channels)] * n_levels
+    widths = [int(c) for c in in_channels]
+    if len(widths) != n_levels:
+        raise ValueError(f"in_channels gives {len(widths)} widths {widths} for {n_levels} feature levels")
+    return widths
+
+
 class ReassembleBlocks(nn.Module):
-    """Readout, 1x1 projections and resizing of each level (keys ``reassemble_blocks.*``)."""
+    """Readout, 1x1 projections and resizing of each level (keys ``reassemble_blocks.*``).
+
+    ``in_channels``: the backbone width, or one width per level (ConvNeXt stages).
+    """
 
     def __init__(
         self,
-        in_channels: int,
+        in_channels: int | Sequence[int],
         post_process_channels: Sequence[int],
         readout: str,
         factors: Sequence[float],
@@ -108,8 +123,10 @@ class ReassembleBlocks(nn.Module):
     ) -> None:
         super().__init__()
         self.readout = readout
+        widths = level_channels(in_channels, len(post_process_channels))
         self.projects = nn.ModuleList(
-            _Conv(nn.Conv2d(in_channels, c, 1, bias=True, device=device)) for c in post_process_channels
+            _Conv(nn.Conv2d(d, c, 1, bias=True, device=device))
+            for d, c in zip(widths, post_process_channels, strict=True)
         )
         resize: list[nn.Module] = []
         for c, f in zip(post_process_channels, factors, strict=True):
@@ -123,8 +140,7 @@ class ReassembleBlocks(nn.Module):
         self.resize_layers = nn.ModuleList(resize)
         if readout == "project":
             self.readout_projects = nn.ModuleList(
-                nn.Sequential(nn.Linear(2 * in_channels, in_channels, device=device), nn.GELU())
-                for _ in post_process_channels
+                nn.Sequential(nn.Linear(2 * d, d, device=device), nn.GELU()) for d in widths
             )
         else:
             self.readout_projects = None
@@ -213,7 +229,8 @@ class DPTHead(nn.Module):
     """Meta's DPT depth head as used by CHMv2 (see the module docstring for the data flow).
 
     Args:
-        in_channels: backbone width ``D`` (1024 for ViT-L).
+        in_channels: backbone width ``D`` (1024 for ViT-L), or one width per level for backbones whose tapped
+            levels differ in width (a ConvNeXt's four stages, e.g. ``[96, 192, 384, 768]`` for ConvNeXt-T).
         post_process_channels: per-level channels ``C_i`` after the 1x1 projections.
         channels: fusion width.
         n_hidden_channels: hidden width of ``conv_depth``.
@@ -227,7 +244,7 @@ class DPTHead(nn.Module):
 
     def __init__(
         self,
-        in_channels: int = 1024,
+        in_channels: int | Sequence[int] = 1024,
         post_process_channels: Sequence[int] = (128, 256, 512, 1024),
         channels: int = 256,
         n_hidden_channels: int = 128,
@@ -246,8 +263,11 @@ class DPTHead(nn.Module):
             raise ValueError(
                 f"{len(post_process_channels)} post_process_channels but {len(factors)} resize factors"
             )
-        self.in_channels = int(in_channels)
         self.post_process_channels = [int(c) for c in post_process_channels]
+        #: per-level input widths; ``in_channels`` is their common value, or the list when they differ
+        self.level_channels = level_channels(in_channels, len(self.post_process_channels))
+        uniform = len(set(self.level_channels)) == 1
+        self.in_channels: int | list[int] = self.level_channels[0] if uniform else list(self.level_channels)
         self.channels = int(channels)
         self.n_hidden_channels = int(n_hidden_channels)
         self.n_bins = int(n_bins)
@@ -279,7 +299,7 @@ class DPTHead(nn.Module):
     def config(self) -> dict[str, Any]:
         """Constructor arguments (primitive types), for checkpoints."""
         return {
-            "in_channels": self.in_channels,
+            "in_channels": self.in_channels if isinstance(self.in_channels, int) else list(self.in_channels),
             "post_process_channels": list(self.post_process_channels),
             "channels": self.channels,
             "n_hidden_channels": self.n_hidden_channels,
@@ -358,7 +378,8 @@ class DPTHead(nn.Module):
 def dpt_config_from_state_dict(sd: Mapping[str, Tensor], what: str = "the head state dict") -> dict[str, Any]:
     """:class:`DPTHead` arguments read from a head state dict's tensor shapes (Meta key layout, no prefix).
 
-    ``in_channels`` / ``post_process_channels`` from ``reassemble_blocks.projects.i.conv.weight``, ``channels``
+    ``in_channels`` (one int, or one per level when they differ) / ``post_process_channels`` from
+    ``reassemble_blocks.projects.i.conv.weight``, ``channels``
     from ``convs.0``, ``n_hidden_channels`` / ``n_bins`` from ``conv_depth.head.{2,4}``, readout ``project``
     when ``readout_projects`` weights exist (else ``ignore``). Raises ``KeyError`` naming a missing key.
     """
@@ -373,8 +394,9 @@ def dpt_config_from_state_dict(sd: Mapping[str, Tensor], what: str = "the head s
     if levels != list(range(len(levels))):
         raise KeyError(f"{what}: projection levels {levels} are not 0..{len(levels) - 1}")
     ppc = [int(sd[f"reassemble_blocks.projects.{i}.conv.weight"].shape[0]) for i in levels]
+    widths = [int(sd[f"reassemble_blocks.projects.{i}.conv.weight"].shape[1]) for i in levels]
     cfg: dict[str, Any] = {
-        "in_channels": int(sd["reassemble_blocks.projects.0.conv.weight"].shape[1]),
+        "in_channels": widths[0] if len(set(widths)) == 1 else widths,
         "post_process_channels": ppc,
         "channels": int(sd["convs.0.conv.weight"].shape[0]),
         "n_hidden_channels": int(sd["conv_depth.head.2.weight"].shape[0]),

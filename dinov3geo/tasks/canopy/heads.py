@@ -57,7 +57,8 @@ class LightHead(nn.Module):
     """Patch-resolution head with learned upsampling to input resolution.
 
     Args:
-        in_channels: backbone width ``D``.
+        in_channels: backbone width ``D``, or one width per used level (the last ``n_levels``) when they
+            differ, e.g. a ConvNeXt's stages ``[96, 192, 384, 768]``.
         n_levels: how many of the given feature levels to use (the last ``n_levels``; 1 = last layer only).
         hidden: channels after the 1x1 projection; halved at each upsampling stage (not below ``min_channels``).
         output: ``"regression"`` (1 channel, metres) or ``"bins"`` (``n_bins`` logits).
@@ -70,7 +71,7 @@ class LightHead(nn.Module):
 
     def __init__(
         self,
-        in_channels: int,
+        in_channels: int | Sequence[int],
         n_levels: int = 4,
         hidden: int = 128,
         output: str = "regression",
@@ -88,8 +89,16 @@ class LightHead(nn.Module):
             raise ValueError(f"patch_size must be a power of two, got {patch_size}")
         if n_levels < 1:
             raise ValueError(f"n_levels must be >= 1, got {n_levels}")
-        self.in_channels = int(in_channels)
         self.n_levels = int(n_levels)
+        if isinstance(in_channels, int | float):
+            widths = [int(in_channels)] * self.n_levels
+        else:
+            widths = [int(c) for c in in_channels]
+            if len(widths) != self.n_levels:
+                raise ValueError(f"in_channels gives {len(widths)} widths {widths} for {self.n_levels} levels")
+        #: per-level input widths; ``in_channels`` is their common value, or the list when they differ
+        self.level_channels = widths
+        self.in_channels: int | list[int] = widths[0] if len(set(widths)) == 1 else list(widths)
         self.hidden = int(hidden)
         self.output = output
         self.n_bins = int(n_bins) if output == "bins" else 1
@@ -97,7 +106,7 @@ class LightHead(nn.Module):
         self.height_scale = float(height_scale)
         self.min_channels = int(min_channels)
         self.project = nn.Sequential(
-            nn.Conv2d(self.in_channels * self.n_levels, self.hidden, 1, device=device),
+            nn.Conv2d(sum(widths), self.hidden, 1, device=device),
             nn.GroupNorm(_groups(self.hidden), self.hidden, device=device),
             nn.GELU(),
         )
@@ -113,7 +122,7 @@ class LightHead(nn.Module):
     def config(self) -> dict[str, Any]:
         """Constructor arguments (primitive types), for checkpoints."""
         return {
-            "in_channels": self.in_channels,
+            "in_channels": self.in_channels if isinstance(self.in_channels, int) else list(self.in_channels),
             "n_levels": self.n_levels,
             "hidden": self.hidden,
             "output": self.output,

@@ -12,7 +12,7 @@ are at input size and georeferenced like the input. :meth:`CanopyHeightModel.for
      "head": {"kind": "dpt" | "light", "config": {...}, "state_dict": {...}},
      "bins": HeightBins config or None (direct regression),
      "layers": [tapped 0-based blocks],
-     "backbone": {"arch": name or None, "config": BackboneConfig dict, "sha256": weights hash,
+     "backbone": {"arch": name or None, "config": BackboneConfig or ConvNeXtConfig dict, "sha256": weights hash,
                   "source": path or None, "state_dict": Meta-layout tensors or None},
      "metadata": {"bands", "mean", "std", "value_scale", "gsd", "normalization", "notes"}}
 
@@ -43,13 +43,16 @@ from torch import Tensor, nn
 from dinov3geo.inference.models import RasterModel, _Normalise
 from dinov3geo.models import (
     SAT493M_CHMV2,
-    BackboneConfig,
+    Backbone,
     CheckpointError,
+    ConvNeXt,
     DinoVisionTransformer,
+    config_from_dict,
     load_backbone,
     read_checkpoint,
 )
 from dinov3geo.models.padding import pad_to_patch_multiple
+from dinov3geo.models.taps import input_multiple, is_convnext, n_taps, tap_widths
 from dinov3geo.tasks.canopy.bins import HeightBins, chunk_bytes_for
 from dinov3geo.tasks.canopy.chmv2 import CHMv2, crop_padding, default_layers, needs_grad
 from dinov3geo.tasks.canopy.dpt import DPTHead
@@ -74,12 +77,16 @@ class CanopyHeightModel(nn.Module):
     """Frozen backbone + canopy head (+ :class:`HeightBins` for binned heads).
 
     Args:
-        backbone: a :class:`~dinov3geo.models.DinoVisionTransformer`.
+        backbone: a :class:`~dinov3geo.models.DinoVisionTransformer` or a :class:`~dinov3geo.models.ConvNeXt`
+            (its four stages are the tap points; the head then takes one width per level, e.g. a DPT head with
+            ``in_channels=[96, 192, 384, 768]`` on ConvNeXt-T, and inputs are centre-padded to a multiple of 32,
+            the ConvNeXt's total stride, whatever the head).
         head: a :class:`~dinov3geo.tasks.canopy.heads.LightHead` or
             :class:`~dinov3geo.tasks.canopy.dpt.DPTHead`.
         bins: required when the head outputs bin logits (DPT head, light head with ``output="bins"``); must be
             ``None`` for a regression head.
-        layers: tapped 0-based blocks (default: 4 evenly spaced, ending at the last block).
+        layers: tapped 0-based blocks (default: 4 evenly spaced, ending at the last block; ConvNeXt: the four
+            stages ``[0, 1, 2, 3]``).
         freeze_backbone: keep the backbone frozen (no gradients, always in eval mode).
         metadata: free-form dict (bands, normalisation, GSD...), set by :func:`load_canopy_model`.
 
@@ -97,7 +104,7 @@ class CanopyHeightModel(nn.Module):
 
     def __init__(
         self,
-        backbone: DinoVisionTransformer,
+        backbone: Backbone,
         head: nn.Module,
         bins: HeightBins | None = None,
         layers: Sequence[int] | None = None,
@@ -115,10 +122,8 @@ class CanopyHeightModel(nn.Module):
             raise ValueError(f"the head outputs {n_out} bin logits: give HeightBins(n_bins={n_out})")
         if not binned and bins is not None:
             raise ValueError("a regression head outputs metres directly: bins must be None")
-        if int(getattr(head, "in_channels", backbone.embed_dim)) != backbone.embed_dim:
-            raise ValueError(f"head takes {head.in_channels} channels, backbone gives {backbone.embed_dim}")
         n_levels = int(getattr(head, "n_levels", 4))
-        depth = len(backbone.blocks)
+        depth = n_taps(backbone)
         if layers is not None:
             self.layers = [int(i) for i in layers]
         elif depth >= n_levels:
@@ -127,8 +132,20 @@ class CanopyHeightModel(nn.Module):
             self.layers = [round(i * (depth - 1) / max(n_levels - 1, 1)) for i in range(n_levels)]
         if len(self.layers) < n_levels:
             raise ValueError(f"the head takes {n_levels} levels but only layers {self.layers} are tapped")
+        bad = [i for i in self.layers if not -depth <= i < depth]
+        if bad:
+            raise ValueError(f"layers {bad} out of range for a backbone with {depth} tap points "
+                             f"({'stages' if is_convnext(backbone) else 'blocks'})")
+        if hasattr(head, "in_channels"):  # the head's per-level widths must be those of the tapped levels
+            want = tap_widths(backbone, self.layers[-n_levels:])
+            got = list(getattr(head, "level_channels", None) or [int(head.in_channels)] * n_levels)
+            if got != want:
+                raise ValueError(f"the head takes {head.in_channels} channels per level but the backbone's "
+                                 f"layers {self.layers[-n_levels:]} give {want[0] if len(set(want)) == 1 else want}")
         self.patch_size = int(backbone.patch_size)
-        self.pad_multiple = 2 * self.patch_size if isinstance(head, DPTHead) else self.patch_size
+        multiple = 2 * self.patch_size if isinstance(head, DPTHead) else self.patch_size
+        #: inputs are centre-padded to this (32 for the DPT head and for any ConvNeXt backbone)
+        self.pad_multiple = math.lcm(multiple, input_multiple(backbone))
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             backbone.requires_grad_(False)
@@ -227,9 +244,17 @@ class CanopyHeightModel(nn.Module):
         side = -(-int(window) // self.pad_multiple) * self.pad_multiple
         px = side * side
         cfg = self.backbone.config
-        tokens = (side // self.patch_size) ** 2 + 1 + int(cfg.n_storage_tokens)
-        width, mlp = int(cfg.embed_dim), int(cfg.ffn_hidden_dim)
-        per_window = tokens * (8 * width + 2 * mlp) + 2 * len(self.layers) * tokens * width
+        if isinstance(self.backbone, ConvNeXt):
+            # the widest stage's block (input, dwconv, norm, 4x hidden, output, residual: ~10 maps of its width)
+            # and the tapped maps resized to the grid, twice (normed)
+            grid = (side // self.patch_size) ** 2
+            strides = [4 * 2**i for i in range(len(cfg.dims))]
+            per_window = max(10 * int(c) * px // (s * s) for c, s in zip(cfg.dims, strides, strict=True))
+            per_window += 2 * sum(tap_widths(self.backbone, self.layers)) * grid
+        else:
+            tokens = (side // self.patch_size) ** 2 + 1 + int(cfg.n_storage_tokens)
+            width, mlp = int(cfg.embed_dim), int(cfg.ffn_hidden_dim)
+            per_window = tokens * (8 * width + 2 * mlp) + 2 * len(self.layers) * tokens * width
         per_window += 3 * int(cfg.in_chans) * px + 4 * px  # input (as float, normalised, padded), height + std
         head = self.head
         n_out = int(getattr(head, "n_bins", 1))
@@ -334,7 +359,7 @@ def save_canopy_model(
     """
     if isinstance(model, CHMv2):
         model = CanopyHeightModel.from_chmv2(model)
-    cfg: BackboneConfig = model.backbone.config
+    cfg = model.backbone.config  # a BackboneConfig or a ConvNeXtConfig (its dict says "family": "convnext")
     if len(bands) != cfg.in_chans:
         raise ValueError(f"{len(bands)} band names {list(bands)} for a backbone with {cfg.in_chans} input channels")
     meta = _check_metadata(
@@ -368,7 +393,7 @@ def save_canopy_model(
 def load_canopy_model(
     path: str | os.PathLike[str],
     *,
-    backbone: str | os.PathLike[str] | Mapping[str, Any] | DinoVisionTransformer | None = None,
+    backbone: str | os.PathLike[str] | Mapping[str, Any] | Backbone | None = None,
     check_backbone: bool = True,
     device: torch.device | str = "cpu",
 ) -> tuple[CanopyHeightModel, dict[str, Any]]:
@@ -391,7 +416,10 @@ def load_canopy_model(
     if missing:
         raise CheckpointError(f"{what}: incomplete canopy checkpoint", missing=missing)
     bmeta = obj["backbone"]
-    cfg = BackboneConfig.from_dict(dict(bmeta["config"]))
+    try:  # a ViT's BackboneConfig, or a ConvNeXtConfig ("family": "convnext")
+        cfg = config_from_dict(dict(bmeta["config"]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{what}: the recorded backbone config is not valid: {e}") from e
     if bmeta.get("state_dict") is not None:
         bb = load_backbone(bmeta["state_dict"], arch=cfg)
     elif backbone is None:
@@ -400,7 +428,7 @@ def load_canopy_model(
             f"{bmeta.get('sha256')}, source {bmeta.get('source')}); pass backbone=<weights file or module>"
         )
     else:
-        bb = backbone if isinstance(backbone, DinoVisionTransformer) else load_backbone(backbone, arch=cfg)
+        bb = backbone if isinstance(backbone, DinoVisionTransformer | ConvNeXt) else load_backbone(backbone, arch=cfg)
         if check_backbone and backbone_sha256(bb) != bmeta.get("sha256"):
             raise CheckpointError(
                 f"{what}: the given backbone's weights (sha256 {backbone_sha256(bb)}) differ from those the head "

@@ -44,7 +44,9 @@ from dinov3geo.io.errors import MissingCRSError
 from dinov3geo.models import load_backbone
 from dinov3geo.models.normalization import normalize
 from dinov3geo.models.registry import build_backbone
+from dinov3geo.models.taps import n_taps, tap_widths
 from dinov3geo.tasks.canopy.bins import HeightBins
+from dinov3geo.tasks.canopy.chmv2 import default_layers
 from dinov3geo.tasks.canopy.dpt import DPTHead
 from dinov3geo.tasks.canopy.heads import LightHead
 from dinov3geo.tasks.canopy.labels import ImageCHMPair, load_image_and_chm
@@ -102,7 +104,7 @@ class SplitConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = ""  #: backbone file for load_backbone, or "random:<arch>" (a control without pretraining)
+    backbone: str = ""  #: backbone file for load_backbone (ViT or ConvNeXt), or "random:<arch>" (a control)
     head: str = "dpt"  #: "dpt" (4 layers, binned) or "light" (patch-resolution head, learned upsampling)
     output: str = "bins"  #: light head only: "bins" or "regression"
     bins: str = "chmv2_mixlog"  #: bin strategy: linear | log | chmv2_mixlog
@@ -111,7 +113,7 @@ class ModelConfig:
     max_height: float = 96.0
     hidden: int = 64  #: light head width / DPT fusion channels
     post_process_channels: list[int] | None = None  #: DPT per-level channels (default: embed_dim/8..embed_dim)
-    layers: list[int] | None = None  #: tapped blocks (default: 4 evenly spaced ending at the last)
+    layers: list[int] | None = None  #: tapped blocks (default: 4 evenly spaced ending at the last; ConvNeXt: its 4 stages)
 
 
 @dataclass
@@ -356,18 +358,27 @@ def _load_backbone_for(cfg: CanopyTrainConfig, bands: Sequence[str]) -> torch.nn
 
 
 def build_model(cfg: CanopyTrainConfig, backbone: torch.nn.Module) -> CanopyHeightModel:
-    """Frozen ``backbone`` + the configured head (and bins)."""
+    """Frozen ``backbone`` + the configured head (and bins).
+
+    The head takes the tapped layers' widths: ``embed_dim`` for every ViT block, one width per stage for a
+    ConvNeXt (whose default taps are its four stages, the DPT head's four levels).
+    """
     m = cfg.model
     d = int(backbone.embed_dim)
+    depth = n_taps(backbone)
     bins = None
     if m.head == "dpt":
+        layers = list(m.layers) if m.layers else (default_layers(depth, 4) if depth >= 4 else None)
+        widths: int | list[int] = tap_widths(backbone, layers) if layers is not None else d
         ppc = m.post_process_channels or [max(d // 8, 16), max(d // 4, 16), max(d // 2, 16), d]
-        head = DPTHead(in_channels=d, post_process_channels=list(ppc), channels=m.hidden,
+        head = DPTHead(in_channels=widths, post_process_channels=list(ppc), channels=m.hidden,
                        n_hidden_channels=max(m.hidden // 2, 8), n_bins=m.n_bins)
         bins = HeightBins(m.n_bins, strategy=m.bins, norm=m.bin_norm, max_height=m.max_height)
     else:
-        n_levels = len(m.layers) if m.layers else min(4, len(backbone.blocks))
-        head = LightHead(d, n_levels=n_levels, hidden=m.hidden, output=m.output, n_bins=m.n_bins,
+        n_levels = len(m.layers) if m.layers else min(4, depth)
+        layers = list(m.layers) if m.layers else (default_layers(depth, n_levels) if depth >= n_levels else None)
+        widths = tap_widths(backbone, layers[-n_levels:]) if layers is not None else d
+        head = LightHead(widths, n_levels=n_levels, hidden=m.hidden, output=m.output, n_bins=m.n_bins,
                          patch_size=int(backbone.patch_size))
         if m.output == "bins":
             bins = HeightBins(m.n_bins, strategy=m.bins, norm=m.bin_norm, max_height=m.max_height)

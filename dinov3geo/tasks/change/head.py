@@ -1,8 +1,9 @@
 """A trained bi-temporal change head on frozen DINOv3 features, its checkpoint format and raster model.
 
-Architecture (:class:`ChangeHead`), for each date the patch maps of ``L`` blocks (default 4 evenly spaced):
+Architecture (:class:`ChangeHead`), for each date the patch maps of ``L`` blocks (default 4 evenly spaced; a
+ConvNeXt's four stages, whose widths ``D_i`` differ):
 
-1. **Fusion per block**: ``[f1, f2, |f1 - f2|]`` (``3D`` channels) -> 1x1 conv -> ``hidden`` (GroupNorm, GELU).
+1. **Fusion per block**: ``[f1, f2, |f1 - f2|]`` (``3D_i`` channels) -> 1x1 conv -> ``hidden`` (GroupNorm, GELU).
 2. **Mixing** of the ``L`` fused maps: concat -> two 3x3 convs at the patch grid.
 3. **Learned upsampling** to input resolution: ``log2(s)`` stages of a stride-2 transposed conv + 3x3 conv
    (``s = patch / upscale`` input pixels per patch), halving channels down to 16.
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from dinov3geo.inference.models import RasterModel, _Normalise
+from dinov3geo.models.taps import tap_widths
 from dinov3geo.tasks.change.zeroshot import _stride, date_features, pad_to, per_date_stats, resolve_layers
 
 __all__ = [
@@ -62,7 +64,8 @@ class ChangeHead(nn.Module):
     """The decoder described in the module docstring.
 
     Args:
-        embed_dim: backbone feature dimension ``D``.
+        embed_dim: backbone feature dimension ``D``, or one per fused block when they differ (a ConvNeXt's
+            stages, e.g. ``[96, 192, 384, 768]``); stored in ``config`` as given.
         n_layers: number of blocks ``L`` whose maps are fused.
         stride: input pixels per patch ``s`` (a power of two: ``patch / upscale``).
         bands_per_date: ``C`` (for the detail branch).
@@ -70,15 +73,25 @@ class ChangeHead(nn.Module):
         detail_channels: channels of the full-resolution detail branch (0: none).
     """
 
-    def __init__(self, embed_dim: int, n_layers: int, stride: int, bands_per_date: int, hidden: int = 64,
-                 detail_channels: int = 16) -> None:
+    def __init__(self, embed_dim: int | Sequence[int], n_layers: int, stride: int, bands_per_date: int,
+                 hidden: int = 64, detail_channels: int = 16) -> None:
         super().__init__()
         if stride < 1 or stride & (stride - 1):
             raise ValueError(f"the patch stride must be a power of two for learned x2 upsampling, got {stride}")
-        self.config = {"embed_dim": int(embed_dim), "n_layers": int(n_layers), "stride": int(stride),
+        if isinstance(embed_dim, int | float):
+            widths = [int(embed_dim)] * int(n_layers)
+            dim: int | list[int] = int(embed_dim)
+        else:
+            widths = [int(d) for d in embed_dim]
+            if len(widths) != int(n_layers):
+                raise ValueError(f"embed_dim gives {len(widths)} widths {widths} for {n_layers} layers")
+            dim = widths[0] if len(set(widths)) == 1 else widths
+        #: per-layer feature widths
+        self.widths = widths
+        self.config = {"embed_dim": dim, "n_layers": int(n_layers), "stride": int(stride),
                        "bands_per_date": int(bands_per_date), "hidden": int(hidden),
                        "detail_channels": int(detail_channels)}
-        self.fuse = nn.ModuleList(_conv_block(3 * embed_dim, hidden, 1) for _ in range(n_layers))
+        self.fuse = nn.ModuleList(_conv_block(3 * d, hidden, 1) for d in widths)
         self.mix = nn.Sequential(_conv_block(hidden * n_layers, hidden), _conv_block(hidden, hidden))
         ups: list[nn.Module] = []
         c = hidden
@@ -128,8 +141,10 @@ class ChangeModel(nn.Module):
         self.bands_per_date = int(head.config["bands_per_date"])
         if head.config["stride"] != self.stride or head.config["n_layers"] != len(self.layers):
             raise ValueError(f"head config {head.config} does not fit stride {self.stride} / {len(self.layers)} layers")
-        if head.config["embed_dim"] != int(backbone.embed_dim):
-            raise ValueError(f"head expects D={head.config['embed_dim']}, backbone has {backbone.embed_dim}")
+        want = tap_widths(backbone, self.layers)
+        if head.widths != want:
+            raise ValueError(f"head expects D={head.config['embed_dim']}, the backbone's layers {self.layers} give "
+                             f"{want[0] if len(set(want)) == 1 else want}")
         self.backbone.eval()
 
     def train(self, mode: bool = True) -> ChangeModel:

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dinov3geo.models.taps import tap_widths
 from dinov3geo.tasks.change.datasets import (
     ChangePair,
     ChangeSample,
@@ -366,7 +367,9 @@ def _train_change_head(cfg: ChangeTrainConfig, out: Path) -> Path:
     if t.crop_size % stride:
         raise ValueError(f"train.crop_size {t.crop_size} must be a multiple of the patch stride {stride} "
                          f"(patch {backbone.patch_size} / upscale {cfg.backbone.upscale})")
-    head = ChangeHead(int(backbone.embed_dim), len(layers), stride, c, cfg.head.hidden, cfg.head.detail_channels)
+    widths = tap_widths(backbone, layers)  # embed_dim per ViT block; one width per ConvNeXt stage
+    head = ChangeHead(widths[0] if len(set(widths)) == 1 else widths, len(layers), stride, c, cfg.head.hidden,
+                      cfg.head.detail_channels)
     model = ChangeModel(backbone, head, layers, cfg.backbone.upscale).to(device)
     vs, mean, std, norm_kind = _normalisation(cfg, backbone, train_pairs)
     mean_t = None if mean is None else torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1).repeat(1, 2, 1, 1)

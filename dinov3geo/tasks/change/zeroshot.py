@@ -14,6 +14,9 @@ resolution (``scale = 1``) so that the engine blends overlapping windows, and ca
 ``upscale`` resizes the input (bilinear) before the backbone so that a 16 px patch covers ``16 / upscale``
 input pixels, useful for 10-30 m imagery where a native 16-px patch (160-480 m) is coarser than most changes.
 
+A ConvNeXt backbone works the same way: its stages are the "blocks" (``layers=4``: all four; ``-1``: the last),
+their maps resized to the 16 px grid; a ConvNeXt has no cls or register tokens to drop.
+
 The helpers :func:`resolve_layers`, :func:`check_bands` and :func:`date_features` are shared with the
 trained head (:mod:`dinov3geo.tasks.change.head`).
 """
@@ -29,17 +32,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinov3geo.inference.models import RasterModel, _Normalise
+from dinov3geo.models.taps import default_normalization, is_convnext, n_taps, tap_maps
 
 __all__ = ["ZeroShotChange", "check_bands", "date_features", "per_date_stats", "resolve_layers"]
 
 
 def resolve_layers(backbone: nn.Module, layers: int | Sequence[int]) -> list[int]:
     """0-based block indices: an int ``n`` takes ``n`` evenly spaced blocks ending at the last one (4 of 12 ->
-    ``[2, 5, 8, 11]``, as DPT-style heads do); a sequence is taken as block indices (negative from the end)."""
-    depth = len(backbone.blocks)
+    ``[2, 5, 8, 11]``, as DPT-style heads do); a sequence is taken as block indices (negative from the end).
+    A ConvNeXt's tap points are its 4 stages (``4`` -> ``[0, 1, 2, 3]``)."""
+    depth = n_taps(backbone)
     if isinstance(layers, int) and not isinstance(layers, bool):
         if not 1 <= layers <= depth:
-            raise ValueError(f"layers={layers}: the backbone has {depth} blocks")
+            what = "stages" if is_convnext(backbone) else "blocks"
+            raise ValueError(f"layers={layers}: the backbone has {depth} {what}")
         return sorted({depth - 1 - round(k * depth / layers) for k in range(layers)})
     out = []
     for i in layers:
@@ -84,17 +90,19 @@ def check_bands(backbone: nn.Module, bands_per_date: int, band_names: Sequence[s
 
 
 def date_features(backbone: nn.Module, x: Tensor, layers: Sequence[int], upscale: int = 1) -> list[Tensor]:
-    """Normed patch-token maps ``[B, D, H / s, W / s]`` (``s = patch / upscale``) of the given blocks.
+    """Normed patch-token maps ``[B, D_i, H / s, W / s]`` (``s = patch / upscale``) of the given blocks.
 
     ``x`` (``[B, C, H, W]``, normalised) must have sides that are multiples of ``s``; it is upscaled
-    (bilinear) by ``upscale`` first. Only patch tokens are returned (no cls/storage tokens).
+    (bilinear) by ``upscale`` first. Only patch tokens are returned (no cls/storage tokens). A ConvNeXt's
+    stage maps (``D_i = embed_dims[i]``) come on the same grid: the (upscaled) input is padded to a multiple of
+    32 and the maps cropped back (:func:`dinov3geo.models.taps.tap_maps`).
     """
     if upscale != 1:
         x = F.interpolate(x, scale_factor=upscale, mode="bilinear", align_corners=False)
     p = int(backbone.patch_size)
     if x.shape[-2] % p or x.shape[-1] % p:
         raise ValueError(f"input {tuple(x.shape[-2:])} x upscale is not a multiple of the patch size {p}")
-    return list(backbone.get_intermediate_layers(x, n=list(layers), reshape=True, norm=True))
+    return tap_maps(backbone, x, list(layers))
 
 
 def _stride(backbone: nn.Module, upscale: int) -> int:
@@ -128,11 +136,13 @@ class ZeroShotChange(RasterModel):
     """Cosine distance of frozen patch features of two dates (see the module docstring).
 
     Args:
-        backbone: a :class:`~dinov3geo.models.DinoVisionTransformer` (kept frozen, in eval mode).
+        backbone: a :class:`~dinov3geo.models.DinoVisionTransformer` or :class:`~dinov3geo.models.ConvNeXt`
+            (kept frozen, in eval mode).
         bands_per_date: ``C`` (default: the backbone's input channels).
         value_scale: factor taking raw values to the scale ``mean``/``std`` refer to (e.g. ``1/255``).
         mean, std: per-band normalisation (``C`` values for both dates, or ``2C``); default: the backbone
-            metadata's when it describes ``C`` bands, SAT-493M for an RGB backbone without metadata, else none.
+            metadata's when it describes ``C`` bands, for an RGB backbone without metadata SAT-493M (ViT) or
+            LVD-1689M (ConvNeXt), else none.
         layers: blocks to compare (an int ``n``: ``n`` evenly spaced blocks ending at the last; or indices).
         upscale: input upsampling factor before the backbone (must divide the patch size).
         band_names: names of the ``C`` bands, used to widen an RGB backbone when ``C != 3``.
@@ -166,10 +176,9 @@ class ZeroShotChange(RasterModel):
         if mean is None and std is None:
             if meta is not None and meta.mean and len(meta.mean) == c:
                 mean, std = meta.mean, meta.std
-            elif meta is None and c == 3:  # Meta's RGB weights: SAT-493M statistics, as BackboneFeatures does
-                from dinov3geo.models import SAT493M
-
-                mean, std = SAT493M.mean, SAT493M.std
+            elif meta is None and c == 3:  # Meta's RGB weights: SAT-493M (ViT) / LVD-1689M (ConvNeXt) statistics
+                norm = default_normalization(self.backbone)
+                mean, std = norm.mean, norm.std
         self._norm = _Normalise(value_scale, per_date_stats(mean, c, "mean"), per_date_stats(std, c, "std"))
         self.layers = resolve_layers(self.backbone, layers)
         self.upscale = int(upscale)

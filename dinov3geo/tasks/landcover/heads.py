@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from dinov3geo.models import CheckpointError, load_backbone, read_checkpoint
 from dinov3geo.models.padding import pad_to_patch_multiple
 from dinov3geo.models.registry import config_from_dict
+from dinov3geo.models.taps import input_multiple
 from dinov3geo.tasks.canopy.chmv2 import crop_padding, default_layers
 from dinov3geo.tasks.canopy.heads import _groups, _UpStage
 from dinov3geo.tasks.canopy.model import backbone_sha256
@@ -264,6 +265,9 @@ class LandcoverModel(nn.Module):
         if not ps:
             raise ValueError("the backbone has no patch_size (a ConvNeXt needs patch_size=16)")
         self.patch_size = int(ps)
+        # sides are padded to a multiple at which the feature grid is exact: the patch for a ViT, 32 (the total
+        # stride) for a ConvNeXt, whose stage grids are otherwise truncated and stretched
+        self.multiple = input_multiple(backbone)
         backbone.requires_grad_(False)
         backbone.eval()
         self.metadata: dict[str, Any] = dict(metadata or {})
@@ -285,8 +289,8 @@ class LandcoverModel(nn.Module):
         return bool(getattr(self.head, "uses_image", False))
 
     def pad(self, x: Tensor) -> Tensor:
-        """Centre-pad ``x`` to a multiple of the patch size."""
-        return pad_to_patch_multiple(x, self.patch_size)
+        """Centre-pad ``x`` to a multiple of :attr:`multiple` (patch size; 32 for a ConvNeXt)."""
+        return pad_to_patch_multiple(x, self.multiple)
 
     @torch.no_grad()
     def forward_features(self, x: Tensor) -> list[Tensor]:
@@ -305,7 +309,7 @@ class LandcoverModel(nn.Module):
         feats = [f.to(self.dtype) for f in features]
         img = self.pad(image.to(self.dtype)) if (image is not None and self.uses_image) else None
         y = self.head(feats, img)
-        return crop_padding(y, (int(out_hw[0]), int(out_hw[1])), self.patch_size)
+        return crop_padding(y, (int(out_hw[0]), int(out_hw[1])), self.multiple)
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits ``[B, K, H, W]`` of normalised images ``[B, C, H, W]``."""

@@ -92,6 +92,26 @@ def test_convnext_backbone_works_through_get_intermediate_layers() -> None:
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
 
 
+def test_convnext_inputs_are_padded_to_its_total_stride() -> None:
+    """An 80 px input (not a multiple of 32) must give what the same image centre-padded to 96 px gives: the
+    stage grids of a ConvNeXt are exact only on multiples of 32 (padding to 16 truncated and stretched them)."""
+    torch.manual_seed(0)
+    bb = build_backbone("convnext_tiny_test", in_chans=3)
+    with torch.no_grad():
+        for name, p in bb.named_parameters():
+            if name.endswith("gamma"):
+                p.uniform_(0.1, 1.0)  # blocks that matter
+    head = DenseHead([16, 32, 64, 128], 3, n_levels=4, hidden=16)
+    model = LandcoverModel(bb, head, TABLE, layers=[0, 1, 2, 3]).eval()
+    assert model.multiple == 32
+    x = torch.randn(1, 3, 80, 80)
+    with torch.no_grad():
+        small = model(x)
+        padded = model(torch.nn.functional.pad(x, (8, 8, 8, 8)))[..., 8:88, 8:88]
+    assert small.shape == (1, 3, 80, 80)
+    torch.testing.assert_close(small, padded, rtol=0, atol=1e-5)
+
+
 def test_checkpoint_round_trip_weights_only(tmp_path: Path) -> None:
     bb = real_backbone()
     model = LandcoverModel(bb, DenseHead([64] * 4, 3, hidden=16, image_detail=True, in_bands=4), TABLE)

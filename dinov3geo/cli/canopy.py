@@ -180,7 +180,7 @@ def _register_predict(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=multiple_of(WINDOW_MULTIPLE, MIN_WINDOW), default=512,
                    help=f"window side in pixels: a multiple of {WINDOW_MULTIPLE}, at least {MIN_WINDOW} (default 512)")
     p.add_argument("--overlap", type=integer(0), default=None,
-                   help=f"window overlap in pixels, at least {2 * RECEPTIVE_MARGIN} (default: half a window for these ViT models, "
+                   help=f"window overlap in pixels, at least {2 * RECEPTIVE_MARGIN} (default: half a window for these ViT / ConvNeXt models, "
                    f"at least {2 * RECEPTIVE_MARGIN + 2})")
     p.add_argument("--batch-size", type=integer(1, 4096), default=None,
                    help="windows per model call (default: chosen from the model's memory estimate and the memory available)")

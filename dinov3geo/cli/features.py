@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, help="backbone weights (Meta .pth, timm, safetensors, dinov3geo)")
     p.add_argument("--arch", default="vits16", help="architecture when no weights are given (random init)")
     p.add_argument("--layers", type=integer_list(-64, 63), default=[-1],
-                   help="block indices, e.g. -1 or 5,11,17,23 (negative: from the last)")
+                   help="block indices of a ViT, e.g. -1 or 5,11,17,23, or stage indices 0-3 of a ConvNeXt (several: "
+                        "their features are concatenated); negative: from the last")
     p.add_argument("--bands", default=None, help="comma-separated input bands (default: all)")
     p.add_argument("--assume-crs", default=None,
                    help="CRS for an image that has none, e.g. EPSG:31982 (refused otherwise)")

@@ -27,8 +27,9 @@ Third parties add kinds with :func:`register_stage`::
 Built-in kinds: ``ingest`` (:func:`dinov3geo.ingest.ingest`), ``pretrain`` (one stage or all stages of a
 pretraining config, :mod:`dinov3geo.ssl.train`), ``features`` (:func:`dinov3geo.tasks.features.extract_features`)
 and ``report`` (:func:`dinov3geo.report.build.build_report`, see :mod:`dinov3geo.report.build` for its
-section kinds); the task kinds ``canopy_train``, ``canopy_predict``, ``canopy_evaluate``, ``forest_mask`` and
-``change_detect`` are in :mod:`dinov3geo.pipelines.task_stages`.
+section kinds); the task kinds ``canopy_train``, ``canopy_predict``, ``canopy_evaluate``, ``forest_mask``,
+``change_detect``, ``landcover_train``, ``landcover_predict``, ``landcover_evaluate``, ``landcover_transitions``,
+``landcover_sample`` and ``landcover_areas`` are in :mod:`dinov3geo.pipelines.task_stages`.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ output files) and generation metadata (dinov3geo version, UTC date, machine). Se
         items:
           - {kind: map, path: chm.tif, label: "height (m)", cmap: viridis, vmin: 0, vmax: 30}
           - {kind: map, path: chm_std.tif, label: "uncertainty (m)", cmap: magma}
+          - {kind: class_map, path: landcover.tif}   # a class raster in its colours, with a legend
+          - {kind: table, path: transition_matrix.csv}   # CSV: numbers formatted
           - {kind: table, path: metrics.json, caption: "hold-out metrics"}
       - {title: Forest loss, kind: overlay, image: t2.tif, mask: loss.tif, label: loss, area: true,
          polygons: loss.gpkg}   # optional polygon outlines (any CRS) on top
@@ -226,6 +228,7 @@ def raster_area_ha(path: PathLike, threshold: float = 0.5, band: int = 1) -> flo
 ITEM_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "rgb": (("path",), ("bands", "percentiles", "caption", "max_size")),
     "map": (("path",), ("band", "label", "cmap", "vmin", "vmax", "caption", "max_size")),
+    "class_map": (("path",), ("band", "legend", "caption", "max_size")),
     "overlay": (("image", "mask"), ("threshold", "color", "alpha", "label", "bands", "percentiles", "caption",
                                     "area", "max_size", "polygons", "outline")),
     "pca": (("features",), ("caption", "max_size", "variable")),
@@ -294,6 +297,18 @@ def spec_paths(specs: Sequence[Mapping[str, Any]]) -> list[str]:
     return out
 
 
+def _cell(v: str | None) -> Any:
+    """A CSV cell as a number when it is one (so that the table formats it), else the text."""
+    if v is None or v.strip() == "":
+        return v
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v
+
+
 def _read_table(path: Path) -> Mapping[str, Any] | list[Mapping[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"report table: {str(path)!r} not found")
@@ -301,7 +316,7 @@ def _read_table(path: Path) -> Mapping[str, Any] | list[Mapping[str, Any]]:
         import csv
 
         with open(path, newline="") as f:
-            return [dict(r) for r in csv.DictReader(f)]
+            return [{k: _cell(v) for k, v in r.items()} for r in csv.DictReader(f)]
     data = json.loads(path.read_text())
     if isinstance(data, Mapping):
         flat = {k: v for k, v in data.items() if not isinstance(v, Mapping | list)}
@@ -331,6 +346,10 @@ def section_from_spec(spec: Mapping[str, Any]) -> Section:
                                cmap=str(item.get("cmap", "viridis")), vmin=item.get("vmin"), vmax=item.get("vmax"),
                                max_size=ms)
             sec.figures.append(Figure(png, cap or f"{Path(item['path']).name} ({item.get('label', 'band 1')})"))
+        elif kind == "class_map":
+            png = F.class_map_figure(item["path"], band=int(item.get("band", 1)), max_size=ms,
+                                     legend=bool(item.get("legend", True)))
+            sec.figures.append(Figure(png, cap or f"{Path(item['path']).name}: classes"))
         elif kind == "overlay":
             thr = float(item.get("threshold", 0.5))
             png = F.overlay_figure(item["image"], item["mask"], threshold=thr,

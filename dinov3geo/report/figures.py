@@ -1,5 +1,5 @@
-"""Report figures as PNG bytes: RGB previews, single-band maps with a colour bar, mask overlays, feature PCA
-and pretraining loss curves.
+"""Report figures as PNG bytes: RGB previews, single-band maps with a colour bar, class maps with a legend,
+mask overlays, feature PCA and pretraining loss curves.
 
 Every function accepts a raster path (read decimated to at most ``max_size`` pixels on the long side, nodata
 masked) or an in-memory array, and returns the PNG file content (matplotlib's object API with the Agg
@@ -220,6 +220,98 @@ def overlay_figure(image: PathLike | np.ndarray | Preview, mask: PathLike | np.n
     if handles:
         ax.legend(handles=handles, loc="lower right", framealpha=0.8)
     return png_bytes(fig)
+
+
+def class_legend(path: PathLike, band: int = 1) -> dict[int, tuple[tuple[int, int, int], str]]:
+    """``{value: (rgb, label)}`` of a class raster's band: the colours of its GDAL colour table and the labels
+    of its category names (``.aux.xml``), else of its dinov3geo class table (``DINOV3GEO_CLASSES`` tag); values
+    without a colour get matplotlib's tab20 colours, values without a name their number."""
+    import rasterio
+
+    from dinov3geo.tasks.landcover.classes import CLASSES_TAG, ClassTable, read_category_names
+
+    with rasterio.open(path) as src:
+        try:
+            cmap = {int(k): tuple(int(c) for c in v[:3]) for k, v in src.colormap(band).items()}
+        except ValueError:  # no colour table
+            cmap = {}
+        tag = src.tags().get(CLASSES_TAG)
+        nodata = src.nodata
+    names = {i: n for i, n in enumerate(read_category_names(path, band)) if n}
+    if tag and band == 1:
+        for c in ClassTable.from_json(tag):
+            names.setdefault(c.code, c.name)
+            cmap.setdefault(c.code, c.rgb)
+    if nodata is not None:
+        cmap.pop(int(nodata), None)
+    return {v: (rgb, names.get(v, str(v))) for v, rgb in cmap.items()} | {
+        v: ((0, 0, 0), n) for v, n in names.items() if v not in cmap and v != nodata}
+
+
+def _legend_groups(entries: Sequence[tuple[tuple[int, int, int], str, int]]) -> list[tuple[tuple[int, int, int], str]]:
+    """Merge legend entries of one colour: ``a -> a`` pairs become "unchanged", ``a -> b`` pairs of one
+    destination "-> b (from a, c)" (the colours of a transition raster); else the labels joined."""
+    groups: dict[tuple[int, int, int], list[tuple[str, int]]] = {}
+    for rgb, lab, n in entries:
+        groups.setdefault(rgb, []).append((lab, n))
+    out = []
+    for rgb, items in sorted(groups.items(), key=lambda g: -sum(n for _, n in g[1])):
+        labs = [lab for lab, _ in sorted(items, key=lambda t: -t[1])]
+        pairs = [lab.split(" -> ") for lab in labs]
+        if len(labs) > 1 and all(len(p) == 2 for p in pairs):
+            if all(a == b for a, b in pairs):
+                out.append((rgb, "unchanged"))
+                continue
+            if len({b for _, b in pairs}) == 1 and all(a != b for a, b in pairs):
+                out.append((rgb, f"-> {pairs[0][1]} (from {', '.join(a for a, _ in pairs)})"))
+                continue
+        out.append((rgb, ", ".join(labs)))
+    return out
+
+
+def class_map_figure(raster: PathLike, band: int = 1, max_size: int = 1024, legend: bool = True,
+                     max_entries: int = 12) -> bytes:
+    """A class raster (land-cover map, transition raster, mask with a colour table) in its own colours with a
+    legend of the classes present (largest first; entries of one colour merged, see :func:`class_legend`).
+
+    Pixels are read decimated (nearest neighbour, so classes are never mixed); nodata is transparent.
+    """
+    from matplotlib.patches import Patch
+
+    pv = read_preview(raster, [band], max_size)
+    a = pv.data[0]
+    valid = np.isfinite(a)
+    codes = np.where(valid, a, -1).astype(np.int64)
+    table = class_legend(raster, band)
+    present, counts = np.unique(codes[valid], return_counts=True)
+    fallback = _tab20()
+    rgba = np.zeros((*a.shape, 4), dtype=np.float32)
+    entries = []
+    for k, (v, n) in enumerate(zip(present.tolist(), counts.tolist(), strict=True)):
+        rgb, lab = table.get(v, (fallback[k % len(fallback)], str(v)))
+        rgba[codes == v] = (*(c / 255 for c in rgb), 1.0)
+        entries.append((rgb, lab, n))
+    h, w = a.shape
+    fig = _figure(h, w, extra_w=2.4 if legend else 0.0)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(rgba, interpolation="nearest")
+    ax.set_axis_off()
+    if legend and entries:
+        groups = _legend_groups(entries)
+        more = len(groups) - max_entries
+        handles = [Patch(facecolor=tuple(c / 255 for c in rgb), edgecolor="#555", label=lab)
+                   for rgb, lab in groups[:max_entries]]
+        if more > 0:
+            handles.append(Patch(facecolor="none", edgecolor="none", label=f"(+{more} smaller)"))
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, framealpha=0.9,
+                  borderaxespad=0.0)
+    return png_bytes(fig)
+
+
+def _tab20() -> list[tuple[int, int, int]]:
+    from matplotlib import colormaps
+
+    return [tuple(int(round(255 * c)) for c in colormaps["tab20"](i)[:3]) for i in range(20)]  # type: ignore[misc]
 
 
 def draw_outlines(ax: Any, polygons: Any, target: Preview, color: str = "#ffd400", lw: float = 1.0) -> int:

@@ -207,7 +207,8 @@ def test_demo_pipeline_shape() -> None:
     p = load_pipeline(ROOT / "pipelines" / "demo.yaml")
     kinds = [s.type for s in p.stages]
     assert kinds == ["ingest", "pretrain", "features", "canopy_train", "canopy_predict", "forest_mask",
-                     "change_detect", "change_detect", "report"]
+                     "change_detect", "change_detect", "landcover_train", "landcover_predict",
+                     "landcover_predict", "landcover_transitions", "report"]
     assert p.stage("pretrain").params["stage"] == "all"
     assert p.stage("canopy_train").params["config"]["split"]["fractions"]["test"] > 0  # test blocks held out
     assert {s.params["method"] for s in p.stages if s.type == "change_detect"} == {"zeroshot", "classic"}

@@ -48,7 +48,7 @@ import shapely
 import torch
 from rasterio.windows import Window
 
-from dinov3geo.inference.layout import Layout, Rect, _intersect
+from dinov3geo.inference.layout import Layout, Rect, _intersect, finalise_blend
 from dinov3geo.inference.models import RasterModel
 from dinov3geo.inference.sources import ArraySource, RasterSource, WindowReader, as_source
 from dinov3geo.io.cog import DISK_FULL_ERRNOS, COGWriter, disk_full_error, free_bytes
@@ -590,21 +590,7 @@ class _TileWriter:
                 arr = np.load(_block_path(self.cfg.parts, d), mmap_mode="r")
                 total[(slice(None), *dst)] += arr[(slice(None), *src)]
                 del arr
-        den = total[k]
-        has = den > 0
-        out = total[:k]  # finalised in place: no temporaries of the tile's size
-        np.divide(out, den, out=out, where=has)
-        fill = self.nodata if self.nodata is not None else 0
-        empty = ~has if not has.all() else None
-        if empty is not None:
-            out[:, empty] = 0  # the sums there may hold NaN (a model's NaN times weight 0)
-        if np.issubdtype(self.dtype, np.integer):
-            info = np.iinfo(self.dtype)
-            np.rint(out, out=out)
-            np.clip(out, info.min, info.max, out=out)
-        out = out.astype(self.dtype, copy=False)
-        if empty is not None:
-            out[:, empty] = fill
+        out = finalise_blend(total, self.dtype, self.nodata)  # in place: no temporaries of the tile's size
         self.writer.write(out, Window(u0, t0, u1 - u0, t1 - t0))
         self.written.add(tile)
 

@@ -34,8 +34,8 @@ from functools import cached_property
 import numpy as np
 from rasterio.windows import Window
 
-__all__ = ["Layout", "blend_weights_1d", "default_overlap", "lattice_starts", "min_window", "nearest_multiples",
-           "round_up"]
+__all__ = ["Layout", "blend_weights_1d", "default_overlap", "finalise_blend", "lattice_starts", "min_window",
+           "nearest_multiples", "round_up"]
 
 Rect = tuple[int, int, int, int]  # (row0, row1, col0, col1), half-open
 
@@ -326,6 +326,35 @@ class Layout:
                 if inside and _intersect(t, self.block_extent(ni, nj)) is not None:
                     deps.append((ni, nj))
         return deps
+
+
+def finalise_blend(total: np.ndarray, dtype: np.dtype | str, nodata: float | None) -> np.ndarray:
+    """Blended outputs from summed windows: ``total`` is ``[K + 1, h, w]`` float32, ``sum(w * y)`` in bands
+    ``0..K-1`` and ``sum(w)`` in band ``K`` (the engine's accumulators of the windows reaching a region).
+
+    Returns ``sum(w * y) / sum(w)`` as ``[K, h, w]`` in ``dtype`` (rounded and clipped for integer types);
+    ``nodata`` (0 when None) where ``sum(w)`` is 0, i.e. no valid input pixel contributed. The first ``K``
+    bands of ``total`` are overwritten (no temporaries of the region's size); for float32 the result is a
+    view of them. The same steps as :func:`dinov3geo.inference.predict_raster` finalising a tile.
+    """
+    k = total.shape[0] - 1
+    dtype = np.dtype(dtype)
+    den = total[k]
+    has = den > 0
+    out = total[:k]
+    np.divide(out, den, out=out, where=has)
+    fill = nodata if nodata is not None else 0
+    empty = ~has if not has.all() else None
+    if empty is not None:
+        out[:, empty] = 0  # the sums there may hold NaN (a model's NaN times weight 0)
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        np.rint(out, out=out)
+        np.clip(out, info.min, info.max, out=out)
+    out = out.astype(dtype, copy=False)
+    if empty is not None:
+        out[:, empty] = fill
+    return out
 
 
 def _intersect(a: Rect, b: Rect) -> Rect | None:

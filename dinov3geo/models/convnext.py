@@ -15,9 +15,9 @@ from:
   (the *same* module as ``norm``, so ``state_dict()`` lists it twice: ``norm.*`` and ``norms.3.*``);
   ``head = Identity``; ``embed_dim = dims[-1]``, ``embed_dims = dims``, ``n_blocks = 4``,
   ``n_storage_tokens = 0``, ``chunked_blocks = False``, ``input_pad_size = 4``. The sizes (Meta's
-  ``convnext_sizes``, identical in timm's ``convnext_{tiny,small,base,large}``): tiny depths [3, 3, 9, 3]
-  dims [96, 192, 384, 768]; small [3, 3, 27, 3] [96, 192, 384, 768]; base [3, 3, 27, 3]
-  [128, 256, 512, 1024]; large [3, 3, 27, 3] [192, 384, 768, 1536].
+  ``convnext_sizes``, identical in timm's ``convnext_{tiny,small,base,large}``): tiny depths ``[3, 3, 9, 3]``
+  dims ``[96, 192, 384, 768]``; small ``[3, 3, 27, 3]`` ``[96, 192, 384, 768]``; base ``[3, 3, 27, 3]``
+  ``[128, 256, 512, 1024]``; large ``[3, 3, 27, 3]`` ``[192, 384, 768, 1536]``.
 * **Checkpoint keys**: ``downsample_layers.0.{0,1}.{weight,bias}`` (stem conv, stem LN),
   ``downsample_layers.{1,2,3}.{0,1}.{weight,bias}`` (LN, conv), ``stages.{i}.{j}.{gamma, dwconv.weight,
   dwconv.bias, norm.weight, norm.bias, pwconv1.weight, pwconv1.bias, pwconv2.weight, pwconv2.bias}``,

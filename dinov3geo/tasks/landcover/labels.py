@@ -270,7 +270,10 @@ class LabelSource:
         assume_crs: CRS of a file that declares none.
 
     Raises:
-        LabelError, MissingCRSError, VectorReadError, RasterReadError.
+        LabelError: no class column, unknown codes, labels outside the image, fewer classes than needed.
+        MissingCRSError: a file without a CRS and no ``assume_crs``.
+        VectorReadError: an unreadable polygon file.
+        RasterReadError: an unreadable class raster.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, column: str | None = None, table: ClassTable | None = None,

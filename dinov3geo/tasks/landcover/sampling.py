@@ -208,9 +208,10 @@ def stratified_sample(
         the points as a GeoDataFrame (in the map's CRS).
 
     Raises:
-        SampleSizeError: impossible sizes; RasterReadError: unreadable map; OutputConflictError: ``out`` is the
-        map (or otherwise refused by the output guard), or an existing file there is not an unlabelled sample
-        (a labelled sample or a file of the user's is never replaced).
+        SampleSizeError: impossible sizes.
+        RasterReadError: an unreadable map.
+        OutputConflictError: ``out`` is the map (or otherwise refused by the output guard), or an existing file
+            there is not an unlabelled sample (a labelled sample or a file of the user's is never replaced).
     """
     import contextlib
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import colorsys
 import contextlib
-import html
 import json
 import os
 import re
@@ -544,46 +543,27 @@ def read_category_names(path: str | os.PathLike[str], band: int = 1) -> list[str
     return []
 
 
-def write_qml(path: str | os.PathLike[str], table: ClassTable, confidence: bool = False) -> Path:
-    """Write a QGIS layer style ``<stem>.qml`` next to ``path`` (paletted renderer on band 1, one labelled
-    colour per class, 255 transparent), atomically. QGIS applies it when the raster is opened."""
-    p = Path(path)
-    qml = p.with_suffix(".qml")
-    entries = "\n".join(
-        f'        <paletteEntry value="{c.code}" color="{c.color}" alpha="255" label="{html.escape(c.name)}"/>'
-        for c in table.classes)
-    text = f"""<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>
-<qgis version="3.28.0" styleCategories="Symbology">
-  <pipe>
-    <provider>
-      <resampling enabled="false" zoomedInResamplingMethod="nearestNeighbour" \
-zoomedOutResamplingMethod="nearestNeighbour" maxOversampling="2"/>
-    </provider>
-    <rasterrenderer type="paletted" opacity="1" band="1" alphaBand="-1" nodataColor="">
-      <rasterTransparency/>
-      <minMaxOrigin>
-        <limits>None</limits>
-        <extent>WholeRaster</extent>
-        <statAccuracy>Estimated</statAccuracy>
-        <cumulativeCutLower>0.02</cumulativeCutLower>
-        <cumulativeCutUpper>0.98</cumulativeCutUpper>
-        <stdDevFactor>2</stdDevFactor>
-      </minMaxOrigin>
-      <colorPalette>
-{entries}
-      </colorPalette>
-    </rasterrenderer>
-    <brightnesscontrast brightness="0" contrast="0" gamma="1"/>
-    <huesaturation saturation="0" grayscaleMode="0" colorizeOn="0"/>
-    <rasterresampler maxOversampling="2"/>
-  </pipe>
-  <blendMode>0</blendMode>
-</qgis>
-"""
-    del confidence  # band 2 (confidence) is not styled: QGIS shows band 1 with the palette
-    with atomic_path(qml) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return qml
+def write_qml(path: str | os.PathLike[str], table: ClassTable, confidence: bool = False) -> Path | None:
+    """Write the QGIS layer style ``<stem>.qml`` of the class map ``path`` (paletted renderer on band 1, one
+    labelled colour per class of ``table``), atomically, through :func:`dinov3geo.io.qgis.write_qml` (one QML
+    writer for every product, marked as dinov3geo's so that restyling replaces it). A ``.qml`` that dinov3geo
+    did not write is kept (a warning says so) and None is returned. Band 2 (confidence) is not styled."""
+    import logging
+
+    from dinov3geo.io.qgis import write_qml as write_style
+    from dinov3geo.utils.outputs import OutputConflictError
+
+    del confidence
+    with rasterio.open(path) as ds:
+        tagged = ds.tags().get(CLASSES_TAG)
+    if tagged is None or ClassTable.from_json(tagged) != table:
+        raise ClassTableError(f"{os.fspath(path)}: its {CLASSES_TAG} tag is not this class table; write the map "
+                              "with write_class_raster / ClassRasterWriter first")
+    try:
+        return write_style(path, "classes")
+    except OutputConflictError as exc:
+        logging.getLogger(__name__).warning("%s", exc)
+        return None
 
 
 # ---------------------------------------------------------------------- reading

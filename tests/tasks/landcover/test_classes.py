@@ -135,7 +135,12 @@ def test_class_cog_keeps_colours_names_tag_and_style(tmp_path: Path) -> None:
     assert r is not None and r.get("type") == "paletted" and r.get("band") == "1"
     entries = [(e.get("value"), e.get("color"), e.get("label")) for e in r.findall("colorPalette/paletteEntry")]
     assert entries == [("1", "#228b22", "forest"), ("2", "#e6e64d", "pasture"), ("4", "#0000ff", "water")]
+    assert "dinov3geo-style" in out.with_suffix(".qml").read_text()  # ours: a restyle may replace it
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # a style the user saved there is kept when the map is written again
+    out.with_suffix(".qml").write_text("<qgis>mine</qgis>")
+    write_class_raster(out, codes, g, t, confidence=conf)
+    assert out.with_suffix(".qml").read_text() == "<qgis>mine</qgis>"
 
 
 def test_failed_write_leaves_nothing_and_keeps_an_older_map(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dinov3geo.cli import main
@@ -63,3 +64,30 @@ def test_a_foreign_item_is_kept_and_the_command_still_succeeds(tmp_path: Path,
     foreign.write_text('{"mine": true}')
     assert main(["-q", *args]) == 0  # re-run: the item in the way is not ours
     assert foreign.read_text() == '{"mine": true}'
+
+
+def test_transitions_get_items_and_styles_and_rerun(tmp_path: Path) -> None:
+    from rasterio.transform import from_origin
+
+    from dinov3geo.io.grid import GridSpec
+    from dinov3geo.tasks.landcover.classes import ClassTable, LandClass, write_class_raster
+
+    table = ClassTable([LandClass(1, "forest", "#006400"), LandClass(2, "agriculture", "#ffff4c")])
+    grid = GridSpec("EPSG:32633", from_origin(500000, 4000000, 30, 30), 40, 30)
+    rng = np.random.default_rng(0)
+    a = rng.choice([1, 2], size=(30, 40)).astype("uint8")
+    b = np.where(rng.random((30, 40)) < 0.3, 2, a).astype("uint8")
+    m1 = write_class_raster(tmp_path / "lc_2000.tif", a, grid, table)
+    m2 = write_class_raster(tmp_path / "lc_2020.tif", b, grid, table)
+    out = tmp_path / "trans"
+    args = ["-q", "change", "transitions", str(m1), str(m2), "--out", str(out), "--date1", "2000", "--date2", "2020"]
+    assert main(args) == 0
+    item = out / "transitions.tif.stac.json"
+    validate_file(item, SCHEMAS)
+    ET.parse(out / "transitions.qml")
+    import json
+
+    doc = json.loads(item.read_text())
+    assert doc["properties"]["start_datetime"].startswith("2000")
+    assert main(args) == 0  # the sidecars in the folder do not block a re-run
+    validate_file(item, SCHEMAS)

@@ -108,7 +108,8 @@ def test_predict_and_evaluate_cli(trained, chiapas: Path, tmp_path: Path, capsys
         assert ds.colormap(1)[table.codes[1]][:3] == table[1].rgb
     cats = ET.parse(f"{out}.aux.xml").getroot().find("PAMRasterBand[@band='1']/CategoryNames")
     assert [c.text or "" for c in cats.findall("Category")] == table.category_names()
-    assert sorted(p.name for p in out.parent.iterdir()) == ["lc2002.qml", "lc2002.tif", "lc2002.tif.aux.xml"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["lc2002.qml", "lc2002.tif", "lc2002.tif.aux.xml",
+                                                          "lc2002.tif.stac.json"]  # + its STAC Item
 
     ev = tmp_path / "eval"
     rc, so, err = _run(capsys, "-q", "landcover", "evaluate", str(out), "--labels", str(chiapas / "training_data.shp"),

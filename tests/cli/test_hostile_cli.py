@@ -53,9 +53,15 @@ def _one_error(err: str, command: str) -> str:
     return lines[0]
 
 
+def _interruptible() -> None:
+    """In the child before exec: SIGINT back to its default, so that the CLI gets KeyboardInterrupt even when
+    the test suite was started in the background by a shell (which makes its children ignore SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "dinov3geo.cli", *args], env={**os.environ, **(env or {})},
-                            **kw)
+                            preexec_fn=_interruptible, **kw)
 
 
 @pytest.fixture

@@ -188,4 +188,6 @@ def test_full_disk_fails_clearly_keeps_the_old_map_and_leaves_nothing(where, sma
 
     assert main(args) == 0  # space freed: the same command finishes the map
     assert out.read_bytes() == before
-    assert sorted(p.name for p in out.parent.iterdir()) == ["chm.tif"]
+    # the map and its sidecars (QGIS style, GDAL statistics, STAC Item), nothing else
+    assert sorted(p.name for p in out.parent.iterdir()) == ["chm.qml", "chm.tif", "chm.tif.aux.xml",
+                                                            "chm.tif.stac.json"]

@@ -99,9 +99,16 @@ def _assert_same_store(got: Path, want: Path) -> None:
         assert a[k] == b[k], k
 
 
+def _interruptible() -> None:
+    """In the child before exec: SIGINT back to its default, so that the CLI gets KeyboardInterrupt even when
+    the test suite was started in the background by a shell (which makes its children ignore SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "dinov3geo.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                            preexec_fn=_interruptible)
 
 
 def _hold_env(flag: Path, after_tiles: int) -> dict[str, str]:

@@ -94,9 +94,16 @@ def _one_line(err: str) -> str:
     return lines[0]
 
 
+def _interruptible() -> None:
+    """In the child before exec: SIGINT back to its default, so that the CLI gets KeyboardInterrupt even when
+    the test suite was started in the background by a shell (which makes its children ignore SIGINT)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "dinov3geo.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+                            preexec_fn=_interruptible)
 
 
 def _wait_for(proc: subprocess.Popen, flag: Path, timeout: float = 180) -> None:

@@ -93,9 +93,14 @@ SETTINGS: tuple[tuple[str, bool, bool], ...] = (
 )
 
 
-def settings_bench(arch: str, size: int, batch: int, warmup: int, repeat: int) -> tuple[list[list], list[dict]]:
-    """Rows / JSON results of the ``--settings`` mode for one ConvNeXt arch and window size."""
+def settings_bench(arch: str, size: int, batch: int, warmup: int, repeat: int,
+                   device: str = "cpu") -> tuple[list[list], list[dict]]:
+    """Rows / JSON results of the ``--settings`` mode for one ConvNeXt arch and window size (on ``device``: CPU,
+    or CUDA with bf16 autocast there and a synchronisation around each timed forward)."""
     from dinov3geo.inference import BackboneFeatures
+
+    where = torch.device(device)
+    sync = torch.cuda.synchronize if where.type == "cuda" else (lambda: None)
 
     torch.manual_seed(0)
     bb = build_backbone(arch).eval()
@@ -105,15 +110,18 @@ def settings_bench(arch: str, size: int, batch: int, warmup: int, repeat: int) -
         for stage in bb.stages:
             for block in stage:
                 block.gamma.uniform_(0.1, 1.0)
-    model = BackboneFeatures(bb, value_scale=1 / 255)
-    x = torch.rand(batch, 3, size, size) * 255
-    valid = torch.ones(batch, size, size, dtype=torch.bool)
+    bb.to(where)
+    model = BackboneFeatures(bb, value_scale=1 / 255).to(where)
+    x = torch.rand(batch, 3, size, size, device=where) * 255
+    valid = torch.ones(batch, size, size, dtype=torch.bool, device=where)
 
     def run(channels_last: bool, bf16: bool) -> torch.Tensor:
         bb.channels_last = channels_last
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        ctx = torch.autocast(where.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         with torch.inference_mode(), ctx:
-            return model(x, valid).float()
+            out = model(x, valid).float()
+        sync()
+        return out
 
     ref = run(False, False)
     dev = {name: float((run(cl, bf) - ref).abs().max()) for name, cl, bf in SETTINGS}
@@ -134,7 +142,8 @@ def settings_bench(arch: str, size: int, batch: int, warmup: int, repeat: int) -
         fast, med = batch / min(times[name]), batch / statistics.median(times[name])
         rows.append([arch, size, name, fast, med, f"{statistics.median(ratios):.3f}",
                      f"{min(ratios):.2f}-{max(ratios):.2f}", f"{dev[name]:.1e}"])
-        results.append({"arch": arch, "size": size, "setting": name, "channels_last": cl, "bf16": bf,
+        results.append({"arch": arch, "size": size, "device": str(where), "setting": name, "channels_last": cl,
+                        "bf16": bf,
                         "img_s_fastest": fast, "img_s_median": med, "speedup_vs_default": ratios,
                         "times_s": times[name], "max_abs_dev_vs_fp32_nchw": dev[name]})
     return rows, results
@@ -156,6 +165,7 @@ def main() -> None:
     p.add_argument("--median", action="store_true", help="report the median run instead of the fastest")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--device", default="cpu", help="--settings only: cpu or cuda")
     p.add_argument("--settings", action="store_true",
                    help="ConvNeXt feature-wrapper forward in channels-last/NCHW x fp32/bf16 instead of vs timm")
     args = p.parse_args()
@@ -174,7 +184,7 @@ def main() -> None:
         for arch in args.arch:
             for size in args.sizes:
                 log(f"{arch} {size}px settings")
-                r, res = settings_bench(arch, size, args.batch, args.warmup, args.repeat)
+                r, res = settings_bench(arch, size, args.batch, args.warmup, args.repeat, device=args.device)
                 rows += r
                 results += res
         print_table(rows, ["arch", "size", "setting", "img/s (fastest)", "img/s (median)",

@@ -29,6 +29,9 @@ also on Ctrl-C / SIGTERM (the JSON is also rewritten after every part, so even a
    backbone, heads, masks and crops; plain losses, AdamW; goal engine / floor <= 1.0) and peak GPU memory.
 5. ``data_path``: the data path alone (the stand-in model of ``inference.py --arch none``: a 16x16 average pool
    and a fixed 1x1 projection to 384 bands) on the GPU: engine vs the torchgeo way, for reference.
+6. ``convnext``: the ConvNeXt-T feature forward of ``dinov3geo features`` (batch 8, 224 and 512 px, random
+   weights with real layer scales) in channels-last / NCHW x fp32 / bf16 autocast on the GPU
+   (``benchmarks/backbone.py --settings``, in this process): images/s, speed-up over the default, deviation.
 
 Every measurement runs in a fresh process (``benchmarks/_common.py``: its own CUDA context and peak memory)
 with the part's remaining budget as its timeout; ``--smoke`` runs the same steps in this process with tiny
@@ -76,11 +79,13 @@ from _common import RESULT_PREFIX, child_main, environment, log, peak_rss_mib, p
 
 from dinov3geo.inference.models import RasterModel  # noqa: E402
 
-PARTS = ("data", "cuda_tests", "region", "torchgeo", "ssl", "data_path")
+PARTS = ("data", "cuda_tests", "region", "torchgeo", "ssl", "data_path", "convnext")
 TITLES = {"data": "0 data", "cuda_tests": "1 CUDA tests", "region": "2 region: engine vs model alone",
-          "torchgeo": "3 region: torchgeo way", "ssl": "4 SSL step", "data_path": "5 data path (stand-in model)"}
+          "torchgeo": "3 region: torchgeo way", "ssl": "4 SSL step", "data_path": "5 data path (stand-in model)",
+          "convnext": "6 ConvNeXt layouts"}
 #: seconds per part on a GPU (sum + start-up within the 470 s default --time-limit, i.e. under 8 minutes)
-BUDGETS = {"data": 35.0, "cuda_tests": 90.0, "region": 90.0, "torchgeo": 50.0, "ssl": 130.0, "data_path": 50.0}
+BUDGETS = {"data": 35.0, "cuda_tests": 90.0, "region": 90.0, "torchgeo": 50.0, "ssl": 115.0, "data_path": 50.0,
+           "convnext": 25.0}
 SMOKE_BUDGET = 600.0  # per part in --smoke (a slow CI machine must not cut a part)
 GOAL_ENGINE = 0.9
 GOAL_TORCHGEO = 3.0
@@ -111,6 +116,10 @@ class Sizes:
     warmup: int = 3
     iters: int = 5
     region_repeats: int = 2
+    convnext_arch: str = "convnext_tiny"
+    convnext_sizes: tuple[int, ...] = (224, 512)
+    convnext_batch: int = 8
+    convnext_repeat: int = 5
     # first-run estimates (s, process start included) of each step, for the budget checks
     est: dict[str, float] = field(default_factory=lambda: {
         "region_model_only": 20.0, "region_engine": 25.0, "region_torchgeo": 30.0, "ssl_engine": 30.0,
@@ -121,7 +130,8 @@ def smoke_sizes() -> Sizes:
     """The ``--smoke`` sizes: every step in seconds on two CPU cores."""
     return Sizes(region=160, window=128, batch=4, model="tiny", ssl_raster=256, ssl_tile=64,
                  ssl_arch="vit_tiny_test", ssl_batch=2, global_size=32, local_size=16, local_number=2, gram_size=48,
-                 prototypes=64, hidden=32, bottleneck=16, warmup=1, iters=1, region_repeats=1, est={})
+                 prototypes=64, hidden=32, bottleneck=16, warmup=1, iters=1, region_repeats=1,
+                 convnext_arch="convnext_tiny_test", convnext_sizes=(64,), convnext_batch=2, convnext_repeat=1, est={})
 
 
 # ---------------------------------------------------------------------------------------------- budget
@@ -1016,9 +1026,29 @@ def part_data_path(ctx: Ctx, budget: Budget, res: PartResult) -> None:
                      "(reference)"])
 
 
+def part_convnext(ctx: Ctx, budget: Budget, res: PartResult) -> None:
+    """ConvNeXt feature forward (what ``dinov3geo features`` runs per window) in channels-last / NCHW x fp32 /
+    bf16 autocast on the device (issue 18: "channels-last and bf16 on CPU and CUDA where they help"), with
+    the largest deviation from fp32 NCHW; :func:`backbone.settings_bench`, in this process."""
+    import backbone  # benchmarks/backbone.py
+
+    s = ctx.sizes
+    res.data["runs"] = []
+    for size in s.convnext_sizes:
+        budget.need(6.0 if ctx.args.smoke else 8.0, f"{s.convnext_arch} {size} px")
+        rows, runs = backbone.settings_bench(s.convnext_arch, size, s.convnext_batch, warmup=2,
+                                             repeat=s.convnext_repeat, device=ctx.device)
+        res.data["runs"] += runs
+        base = runs[0]["img_s_fastest"]
+        for r in runs:
+            res.rows.append([f"{s.convnext_arch} {size} px batch {s.convnext_batch} {r['setting']}: "
+                             f"{r['img_s_fastest']:.1f} img/s ({r['img_s_fastest'] / base:.2f}x the default), "
+                             f"max |dev| vs fp32 NCHW {r['max_abs_dev_vs_fp32_nchw']:.1e}", "(information)"])
+
+
 PART_FUNCS: dict[str, Callable[[Ctx, Budget, PartResult], None]] = {
     "data": part_data, "cuda_tests": part_cuda_tests, "region": part_region, "torchgeo": part_torchgeo,
-    "ssl": part_ssl, "data_path": part_data_path,
+    "ssl": part_ssl, "data_path": part_data_path, "convnext": part_convnext,
 }
 
 

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-PARTS = ("data", "cuda_tests", "region", "torchgeo", "ssl", "data_path")
+PARTS = ("data", "cuda_tests", "region", "torchgeo", "ssl", "data_path", "convnext")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,10 @@ def test_smoke_mode_runs_every_part(tmp_path):
     assert set(variants) == {"no Gram", "with Gram"} and variants["with Gram"]["engine"]["gram_loss_logged"]
     assert all(v["engine"]["s_per_it"] > 0 and v["floor"]["s_per_it"] > 0 for v in variants.values())
     assert doc["parts"]["data_path"]["data"]["engine_speedup"] > 0
+    runs = doc["parts"]["convnext"]["data"]["runs"]
+    assert {r["setting"] for r in runs} == {"channels-last fp32 (default)", "NCHW fp32", "channels-last bf16",
+                                            "NCHW bf16"} and all(r["img_s_fastest"] > 0 for r in runs)
+    assert all(r["max_abs_dev_vs_fp32_nchw"] < 1e-4 for r in runs if not r["bf16"])  # fp32 layouts agree
     assert "gpu" in doc["env"] and doc["env"]["gpu"]["cuda_available"] is False
     assert not Path(doc["work"]).exists()  # the generated data is removed
 

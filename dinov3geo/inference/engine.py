@@ -299,6 +299,8 @@ def _read_strip(cfg: InferenceConfig, reader: WindowReader,
     if aoi is not None and not aoi.intersects(shapely.box(*grid.window_grid(strip).bounds)):
         return [None] * len(cells)
     data, valid = reader.read(strip) if tiles is None else tiles.read(reader, strip)
+    if lay.edge_fill == "reflect":
+        data = _reflect_past_edge(data, r0, c0, grid.height, grid.width)
     out: list[_WindowData | None] = []
     for cell, win in zip(cells, wins, strict=True):
         cols = slice(int(win.col_off) - c0, int(win.col_off + win.width) - c0)
@@ -313,6 +315,30 @@ def _read_strip(cfg: InferenceConfig, reader: WindowReader,
                 v = v & aoi_mask(shapely.clip_by_rect(aoi, *wgrid.bounds), wgrid)
         out.append((cell, d, v) if v.any() else None)
     return out
+
+
+def _mirror(index: np.ndarray, n: int) -> np.ndarray:
+    """Grid indices ``>= 0`` folded into ``[0, n)`` by reflection at the edges, the edge pixel not repeated
+    (``numpy.pad(mode="reflect")``, repeated for overhangs longer than the grid)."""
+    if n == 1:
+        return np.zeros_like(index)
+    m = index % (2 * (n - 1))
+    return np.where(m < n, m, 2 * (n - 1) - m)
+
+
+def _reflect_past_edge(data: np.ndarray, r0: int, c0: int, height: int, width: int) -> np.ndarray:
+    """A strip read at ``(r0, c0)`` with the pixels past the grid's bottom/right edge replaced by the grid
+    mirrored at that edge (``Layout.edge_fill == "reflect"``; they stay invalid). Strips inside the grid come
+    back as they are; the mirror of a pixel must lie in the strip (an overhang shorter than the strip's part
+    inside the grid, which the layout guarantees for grids at least a window long)."""
+    h, w = data.shape[-2:]
+    if r0 + h <= height and c0 + w <= width:
+        return data
+    src_r = _mirror(np.arange(r0, r0 + h), height) - r0
+    src_c = _mirror(np.arange(c0, c0 + w), width) - c0
+    if src_r.min() < 0 or src_c.min() < 0 or r0 >= height or c0 >= width:
+        return data  # a window mostly past a tiny grid: zeros, as without reflection
+    return np.ascontiguousarray(data[:, src_r][:, :, src_c])
 
 
 def _valid_out(valid: np.ndarray, scale: int) -> np.ndarray:
@@ -913,6 +939,11 @@ def make_layout(
     ViT, whose output depends on the whole window), and at least twice the model's receptive margin plus a
     ramp of two output pixels (:func:`~dinov3geo.inference.layout.default_overlap`). ``blocksize`` is the COG tile size (default: 512, smaller for many
     bands); blocks are at least large enough for tiles to align with it.
+
+    A model may declare ``window_align`` (input pixels; e.g. 32 for a ConvNeXt, whose stage-3 cells are 32 px):
+    window origins are then multiples of it (the default overlap is widened to put the lattice step on it; a
+    given overlap that does not is refused with the nearest ones that do), and ``edge_fill`` (``"zeros"`` or
+    ``"reflect"``), what a window sees past the grid edge (see :mod:`dinov3geo.inference.layout`).
     """
     scale = int(model.scale)
     if scale < 1:
@@ -920,23 +951,31 @@ def make_layout(
     margin_out = math.ceil(model.receptive_margin / scale)
     if window % scale:
         raise ValueError(f"window {window} must be a multiple of the model scale {scale}")
+    default = overlap is None
     if overlap is None:
         from dinov3geo.inference.layout import default_overlap, min_window
 
         context = bool(getattr(model, "global_context", False))
         overlap = default_overlap(window, scale, model.receptive_margin, context)
-        if overlap >= window:
+        a = math.lcm(scale, int(getattr(model, "window_align", 1) or 1))
+        if window - overlap < a:
             smallest = min_window(scale, model.receptive_margin, int(getattr(model, "window_multiple", scale)),
-                                  context=context)
+                                  context=context, start_align=a)
             raise ValueError(f"window {window} is too small for the model's receptive margin of "
                              f"{model.receptive_margin} px; use a window of at least {smallest} px")
+    start_align = int(getattr(model, "window_align", 1) or 1)
+    edge_fill = str(getattr(model, "edge_fill", "zeros"))
+    a = math.lcm(scale, start_align)
+    if default and (window - overlap) % a:  # widen the overlap onto the feature grid
+        overlap = window - (window - overlap) // a * a
     bs = blocksize or _cog_blocksize(model.out_bands, np.dtype(model.out_dtype))
     stride_out = (window - overlap) // scale
     if stride_out <= 0:
         raise ValueError(f"overlap {overlap} must be smaller than window {window}")
     bw = max(1, round(block_size / (window - overlap)))
     bw = max(bw, math.ceil((overlap // scale + bs) / stride_out))
-    return Layout(height, width, window, overlap, scale, margin_out, bw, align=bs)
+    return Layout(height, width, window, overlap, scale, margin_out, bw, align=bs, start_align=start_align,
+                  edge_fill=edge_fill)
 
 
 def _fingerprint(parts: dict[str, Any]) -> str:
@@ -1123,6 +1162,8 @@ def _predict_raster(model: RasterModel, source: Any, out_path: Path, *, window: 
         "aoi": hashlib.sha1(cfg.aoi_wkb).hexdigest() if cfg.aoi_wkb else None,
         "model": model.fingerprint(), "out_bands": model.out_bands, "out_dtype": out_dtype.name,
     }
+    if layout.start_align > 1 or layout.edge_fill != "zeros":  # (absent by default: earlier runs still resume)
+        config.update(start_align=layout.start_align, edge_fill=layout.edge_fill)
     manifest = _Manifest(parts, _fingerprint(config), config)
     if resume and manifest.load():
         log.info("resuming %s: %d of %d blocks already done", out, len(manifest.done), layout.n_blocks_total)

@@ -6,6 +6,12 @@ Geometry of a run (all sizes in pixels):
   starting at the grid origin; the last row/column of windows is shifted back to end at the grid edge, so
   every window holds real pixels and the model pads the grid border as it would pad a whole image. A grid
   smaller than a window gets one window padded past the edge (masked): nothing is dropped.
+* A model whose features sit on a coarser grid than its output (a ConvNeXt: stride 32) declares
+  ``start_align``: every window origin, the shifted last ones included, is a multiple of it, so every window
+  puts its stage cells on the same pixels and overlapping windows compute the same features away from their
+  edges. The last window then ends up to ``start_align - 1`` pixels past the grid edge; with ``edge_fill =
+  "reflect"`` the engine fills those pixels by mirroring the grid at its edge (they stay invalid), which is
+  exactly the reflection padding the model applies to a whole image.
 * The model turns a window into ``window / scale`` *output* pixels per side (``scale`` 1 for dense heads, 16
   for ViT patch features). Blending happens on the output grid.
 * :func:`blend_weights_1d` gives each window a separable weight: zero on an edge ``margin`` (at least the
@@ -112,14 +118,15 @@ def default_overlap(window: int, scale: int, receptive_margin: int, context: boo
 
 
 def min_window(scale: int, receptive_margin: int, multiple: int = 1, overlap: int | None = None,
-               context: bool = False) -> int:
+               context: bool = False, start_align: int = 1) -> int:
     """The smallest window that works for a model: a multiple of both ``scale`` and ``multiple`` (the model's
     own window constraint, e.g. 16 for a ViT) that is larger than its overlap (``overlap``, or the default
-    one, see :func:`default_overlap`). Messages advising a window size give this (or more), never a value
-    the model refuses."""
+    one, see :func:`default_overlap`) by at least the window-origin step ``lcm(scale, start_align)`` (a
+    ConvNeXt: 32). Messages advising a window size give this (or more), never a value the model refuses."""
     step = math.lcm(int(scale), int(multiple))
+    a = math.lcm(int(scale), int(start_align))
     w = step
-    while w <= (default_overlap(w, scale, receptive_margin, context) if overlap is None else overlap):
+    while w - (default_overlap(w, scale, receptive_margin, context) if overlap is None else overlap) < a:
         w += step
     return w
 
@@ -136,6 +143,9 @@ class Layout:
         margin: edge margin in output pixels (weight 0).
         block_windows: lattice cells per block side.
         align: tile boundaries are snapped to multiples of this (the COG block size), in output pixels.
+        start_align: window origins are multiples of this (and of ``scale``), in input pixels.
+        edge_fill: what a window sees past the grid edge: ``"zeros"`` or ``"reflect"`` (the grid mirrored at
+            its edge, as ``numpy.pad(mode="reflect")``); those pixels are invalid either way.
     """
 
     height: int
@@ -146,6 +156,8 @@ class Layout:
     margin: int
     block_windows: int
     align: int = 1
+    start_align: int = 1
+    edge_fill: str = "zeros"
 
     def __post_init__(self) -> None:
         if self.scale < 1:
@@ -164,6 +176,18 @@ class Layout:
             )
         if self.block_windows < 1:
             raise ValueError(f"block_windows must be >= 1, got {self.block_windows}")
+        if self.start_align < 1:
+            raise ValueError(f"start_align must be >= 1, got {self.start_align}")
+        if self.edge_fill not in ("zeros", "reflect"):
+            raise ValueError(f"edge_fill must be 'zeros' or 'reflect', got {self.edge_fill!r}")
+        a = self.origin_multiple
+        if self.stride % a and (self.n_rows > 1 or self.n_cols > 1):  # (one window: no lattice to align)
+            lo, hi = self.window - (self.stride // a + 1) * a, self.window - (self.stride // a) * a
+            ok = " or ".join(str(v) for v in (lo, hi) if 0 <= v < self.window)
+            raise ValueError(
+                f"overlap {self.overlap} puts windows {self.stride} px apart, off the model's {a} px feature grid: "
+                f"use an overlap with window - overlap a multiple of {a}" + (f", e.g. {ok}" if ok else "")
+            )
         if self.block_windows * self.stride_out < self.overlap_out + self.align and self.n_blocks_total > 1:
             raise ValueError(
                 f"blocks of {self.block_windows} windows are too small for overlap {self.overlap} and tile "
@@ -175,6 +199,11 @@ class Layout:
     def stride(self) -> int:
         """Lattice step in input pixels."""
         return self.window - self.overlap
+
+    @property
+    def origin_multiple(self) -> int:
+        """Window origins are multiples of this (input pixels): ``lcm(scale, start_align)``."""
+        return math.lcm(self.scale, self.start_align)
 
     @property
     def window_out(self) -> int:
@@ -230,14 +259,15 @@ class Layout:
     def _start(self, k: int, n: int, length: int) -> int:
         """Input-pixel origin of the ``k``-th of ``n`` windows along a side of ``length`` pixels.
 
-        The last window is shifted back to end at the grid edge (origin rounded up to a multiple of ``scale``,
-        so it may overhang by less than one output pixel) when the grid is at least a window long: the model
-        sees real pixels and applies its own padding at the grid border exactly as on a whole image. Smaller
+        The last window is shifted back to end at the grid edge (origin rounded up to a multiple of
+        :attr:`origin_multiple`, so it may overhang by less than that) when the grid is at least a window long:
+        the model sees real pixels and applies its own padding at the grid border as on a whole image. Smaller
         grids get one window padded past the edge.
         """
         start = k * self.stride
         if k == n - 1 and k > 0 and length >= self.window:
-            start = min(start, -(-(length - self.window) // self.scale) * self.scale)
+            a = self.origin_multiple
+            start = min(start, -(-(length - self.window) // a) * a)
         return start
 
     def input_window(self, i: int, j: int) -> Window:

@@ -227,7 +227,8 @@ class BackboneFeatures(RasterModel):
         layer: which block's (ConvNeXt: stage's) output (``-1`` last).
         head: optional module applied to the ``[B, D, h, w]`` features.
         out_bands, band_names: when a head is given, its output bands (default ``feat_000``... otherwise).
-        receptive_margin: edge margin in input pixels (default 2 patches; ViTs see the whole window, so this
+        receptive_margin: edge margin in input pixels (default :func:`dinov3geo.models.taps.edge_margin`: 2
+            patches for a ViT, 2 stage-3 cells, 64 px, for a ConvNeXt; ViTs see the whole window, so this
             is the zone whose tokens are most affected by the window edge, not a strict receptive field; a
             ConvNeXt's theoretical field is far wider, :func:`dinov3geo.models.taps.receptive_radius`, but
             its effective one is narrow, and the default half-window overlap blends over a wide ramp).
@@ -248,7 +249,7 @@ class BackboneFeatures(RasterModel):
         receptive_margin: int | None = None,
         upsample: bool = False,
     ) -> None:
-        from dinov3geo.models.taps import default_normalization, tap_widths
+        from dinov3geo.models.taps import default_normalization, edge_margin, inference_alignment, tap_widths
 
         self.backbone = backbone
         self.head = head
@@ -280,7 +281,8 @@ class BackboneFeatures(RasterModel):
             self.band_names = tuple(band_names) if band_names else ()
         self.upsample = upsample
         self.scale = 1 if upsample else self.patch
-        self.receptive_margin = 2 * self.patch if receptive_margin is None else int(receptive_margin)
+        self.receptive_margin = edge_margin(backbone) if receptive_margin is None else int(receptive_margin)
+        self.window_align, self.edge_fill = inference_alignment(backbone)
 
     def preprocess(self, x: Tensor, valid: Tensor) -> Tensor:
         return self._norm(x)

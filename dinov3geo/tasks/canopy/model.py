@@ -52,7 +52,14 @@ from dinov3geo.models import (
     read_checkpoint,
 )
 from dinov3geo.models.padding import pad_to_patch_multiple
-from dinov3geo.models.taps import input_multiple, is_convnext, n_taps, tap_widths
+from dinov3geo.models.taps import (
+    edge_margin,
+    inference_alignment,
+    input_multiple,
+    is_convnext,
+    n_taps,
+    tap_widths,
+)
 from dinov3geo.tasks.canopy.bins import HeightBins, chunk_bytes_for
 from dinov3geo.tasks.canopy.chmv2 import CHMv2, crop_padding, default_layers, needs_grad
 from dinov3geo.tasks.canopy.dpt import DPTHead
@@ -469,7 +476,8 @@ class CanopyRasterModel(RasterModel):
         model: a :class:`CanopyHeightModel` (or a :class:`CHMv2`, converted with
             :meth:`CanopyHeightModel.from_chmv2`).
         value_scale, mean, std: ``(x * value_scale - mean) / std`` per band before the model.
-        receptive_margin: edge margin (input pixels) given zero blend weight (>= 32; ViTs see the whole window,
+        receptive_margin: edge margin (input pixels) given zero blend weight (>= 32; default
+            :func:`dinov3geo.models.taps.edge_margin`: 32 for a ViT, 64 for a ConvNeXt; ViTs see the whole window,
             so this is where window-edge padding matters most).
 
     Windows may have any size that is a multiple of 16 (the model pads to its multiple and crops back);
@@ -489,10 +497,12 @@ class CanopyRasterModel(RasterModel):
         value_scale: float = 1.0,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
-        receptive_margin: int = 32,
+        receptive_margin: int | None = None,
     ) -> None:
         if isinstance(model, CHMv2):
             model = CanopyHeightModel.from_chmv2(model)
+        if receptive_margin is None:
+            receptive_margin = edge_margin(model.backbone)
         if receptive_margin < 32:
             raise ValueError(f"receptive_margin must be at least 32 px, got {receptive_margin}")
         self.model = model.eval()
@@ -500,6 +510,7 @@ class CanopyRasterModel(RasterModel):
         self.receptive_margin = int(receptive_margin)
         self.global_context = True  # a ViT backbone: every output pixel depends on the whole window
         self.window_multiple = 16  # windows are cut into 16 px patches
+        self.window_align, self.edge_fill = inference_alignment(model.backbone)
         self._norm = _Normalise(value_scale, mean, std)
         self.value_scale = float(value_scale)
 

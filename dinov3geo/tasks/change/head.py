@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from dinov3geo.inference.models import RasterModel, _Normalise
-from dinov3geo.models.taps import tap_widths
+from dinov3geo.models.taps import edge_margin, inference_alignment, is_convnext, tap_widths
 from dinov3geo.tasks.change.zeroshot import _stride, date_features, pad_to, per_date_stats, resolve_layers
 
 __all__ = [
@@ -200,7 +200,10 @@ class ChangeRasterModel(RasterModel):
         self.bands = list(bands) if bands is not None else None
         self._norm = _Normalise(value_scale, per_date_stats(mean, c, "mean"), per_date_stats(std, c, "std"))
         self.threshold = threshold
-        self.receptive_margin = 2 * model.stride if receptive_margin is None else int(receptive_margin)
+        if receptive_margin is None:  # two feature cells (a ConvNeXt's: two 32 px stage-3 cells)
+            receptive_margin = edge_margin(model.backbone) if is_convnext(model.backbone) else 2 * model.stride
+        self.receptive_margin = int(receptive_margin)
+        self.window_align, self.edge_fill = inference_alignment(model.backbone)
         self.global_context = True  # features of a ViT backbone: each depends on the whole window
         self.info = dict(info or {})
 

@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinov3geo.inference.models import RasterModel, _Normalise
-from dinov3geo.models.taps import default_normalization, is_convnext, n_taps, tap_maps
+from dinov3geo.models.taps import (
+    default_normalization,
+    edge_margin,
+    inference_alignment,
+    is_convnext,
+    n_taps,
+    tap_maps,
+)
 
 __all__ = ["ZeroShotChange", "check_bands", "date_features", "per_date_stats", "resolve_layers"]
 
@@ -183,7 +190,10 @@ class ZeroShotChange(RasterModel):
         self.layers = resolve_layers(self.backbone, layers)
         self.upscale = int(upscale)
         self.stride = _stride(self.backbone, self.upscale)
-        self.receptive_margin = 2 * self.stride if receptive_margin is None else int(receptive_margin)
+        if receptive_margin is None:  # two feature cells (a ConvNeXt's: two 32 px stage-3 cells)
+            receptive_margin = edge_margin(self.backbone) if is_convnext(self.backbone) else 2 * self.stride
+        self.receptive_margin = int(receptive_margin)
+        self.window_align, self.edge_fill = inference_alignment(self.backbone)
         self.global_context = True  # features of a ViT backbone: each depends on the whole window
 
     def preprocess(self, x: Tensor, valid: Tensor) -> Tensor:

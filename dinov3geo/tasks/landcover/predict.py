@@ -43,6 +43,7 @@ from torch import Tensor
 from dinov3geo.inference import predict_raster
 from dinov3geo.inference.models import RasterModel, _Normalise
 from dinov3geo.io.sources import open_scene
+from dinov3geo.models.taps import edge_margin, inference_alignment
 from dinov3geo.tasks.landcover.classes import NODATA, ClassRasterWriter, confidence_percent
 from dinov3geo.tasks.landcover.heads import LandcoverModel, load_landcover_model
 from dinov3geo.utils.atomic import remove_quietly
@@ -68,7 +69,8 @@ class LandcoverRasterModel(RasterModel):
     Args:
         model: the land-cover model.
         value_scale, mean, std: input normalisation ``(x * value_scale - mean) / std`` per band.
-        receptive_margin: window-edge margin (input pixels) given zero blend weight (ViTs see the whole window).
+        receptive_margin: window-edge margin (input pixels) given zero blend weight (ViTs see the whole window;
+            default :func:`dinov3geo.models.taps.edge_margin`: 32 px for a ViT, 64 px for a ConvNeXt).
     """
 
     out_dtype = "float32"
@@ -76,15 +78,16 @@ class LandcoverRasterModel(RasterModel):
     scale = 1
 
     def __init__(self, model: LandcoverModel, *, value_scale: float = 1.0, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, receptive_margin: int = 32) -> None:
+                 std: Sequence[float] | None = None, receptive_margin: int | None = None) -> None:
         self.model = model.eval()
         self.table = model.table
         self.out_bands = len(model.table)
         self.band_names = tuple(f"p_{n}" for n in model.table.names)
         self.in_bands = int(model.backbone.config.in_chans)
-        self.receptive_margin = int(receptive_margin)
+        self.receptive_margin = int(edge_margin(model.backbone) if receptive_margin is None else receptive_margin)
         self.global_context = True
         self.window_multiple = int(model.patch_size)
+        self.window_align, self.edge_fill = inference_alignment(model.backbone)
         self.value_scale = float(value_scale)
         self._norm = _Normalise(value_scale, mean, std)
 

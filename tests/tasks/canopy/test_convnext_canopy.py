@@ -80,7 +80,7 @@ def test_cli_train_then_predict_on_neon_with_a_convnext_weights_file(tmp_path):
 
     out = tmp_path / "chm.tif"
     assert main(["-q", "canopy", "predict", "--image", str(RGB), "--model", str(run / "model.pt"), "--out",
-                 str(out), "--window", "128", "--device", "cpu"]) == 0
+                 str(out), "--window", "192", "--device", "cpu"]) == 0
     with rasterio.open(out) as ds, rasterio.open(CHM) as lab:
         assert ds.count == 2 and ds.descriptions == ("height", "height_std") and ds.crs == lab.crs
         assert ds.res == pytest.approx(lab.res)  # mapped at the model's 1 m GSD

@@ -70,7 +70,7 @@ def test_cli_zeroshot_with_a_convnext_weights_file(bercy, tmp_path):
     out = tmp_path / "zs"
     rc = main(["-q", "change", "detect", "--before", str(bercy / "imgs_1"), "--after", str(bercy / "imgs_2"),
                "--out", str(out), "--method", "zeroshot", "--backbone", str(weights), "--bands", "red,green,blue",
-               "--value-scale", "0.0001", "--window", "128", "--device", "cpu"])
+               "--value-scale", "0.0001", "--window", "192", "--device", "cpu"])
     assert rc == 0
     s = json.loads((out / "summary.json").read_text())
     assert s["method"] == "zeroshot" and s["bands"] == ["red", "green", "blue"]
@@ -89,7 +89,7 @@ def test_cli_train_a_change_head_on_convnext_stages_then_detect(bercy, tmp_path)
         "data": {"train": [{"kind": "oscd", "path": str(bercy), "bands": bands}], "val_fraction": 0.25},
         "backbone": {"weights": str(weights), "layers": 4},
         "head": {"hidden": 16, "detail_channels": 4},
-        "train": {"crop_size": 64, "crops": 8, "epochs": 2, "batch_size": 4, "val_window": 128},
+        "train": {"crop_size": 64, "crops": 8, "epochs": 2, "batch_size": 4, "val_window": 192},
     }))
     before = _sha(weights, config, *_red_files(bercy))
     assert main(["-q", "change", "train", str(config)]) == 0
@@ -103,7 +103,7 @@ def test_cli_train_a_change_head_on_convnext_stages_then_detect(bercy, tmp_path)
     out = tmp_path / "det"
     rc = main(["-q", "change", "detect", "--before", str(bercy / "imgs_1"), "--after", str(bercy / "imgs_2"),
                "--out", str(out), "--method", "head", "--model", str(tmp_path / "head.pt"), "--bands",
-               ",".join(bands), "--window", "128", "--device", "cpu"])
+               ",".join(bands), "--window", "192", "--device", "cpu"])
     assert rc == 0
     p = _prob(out / "change_prob.tif")
     ok = np.isfinite(p)

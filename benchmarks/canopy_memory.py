@@ -166,7 +166,7 @@ def child_predict(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     stats: dict[str, Any] = {}
     predict_canopy(rm, spec["image"], spec["out"], window=spec["window"], batch_size=spec["batch"],
-                   device="cpu", progress=False, resume=False, stats=stats)
+                   device="cpu", progress=False, resume=False, stats=stats, sidecars=False)
     wall = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     with open("/proc/self/status") as f:

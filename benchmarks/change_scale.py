@@ -180,7 +180,7 @@ def _run(spec: dict[str, Any]) -> dict[str, Any]:
         r = detect.detect_change(spec["before"], spec["after"], out, method="classic",
                                  classic_method=spec["method"], band_names=["red", "nir"], mmu_ha=spec["mmu_ha"],
                                  window=spec["window"], batch_size=spec["batch"], post_tile=spec["post_tile"],
-                                 progress=False, device="cpu")
+                                 progress=False, device="cpu", sidecars=False)
     if "rss_after_model_mib" in phases:
         phases["peak_post_mib"] = peak_rss_mib()
     disk = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

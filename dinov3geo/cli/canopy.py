@@ -238,13 +238,9 @@ def run_predict(args: argparse.Namespace) -> int:
         chmv2_head=args.chmv2_head, bands=args.bands.split(",") if args.bands else None, window=args.window,
         overlap=args.overlap, batch_size=args.batch_size, device=args.device,
         amp=None if args.amp == "none" else args.amp, resample_to_model_gsd=not args.keep_resolution,
-        resume=not args.no_resume, progress=not args.quiet, **extra,
-    )
-    from dinov3geo.cli._sidecars import write_sidecars
-
-    summary = [Path(args.summary).with_suffix(x) for x in (".gpkg",)] if args.summary else []
-    write_sidecars([out, *summary], inputs=[*map(str, args.image), *([args.aoi] if args.aoi else [])],
-                   model=[args.model, args.chmv2_backbone, args.chmv2_head], command="canopy predict")
+        resume=not args.no_resume, progress=not args.quiet, sidecars={"dinov3geo:command": "canopy predict"},
+        **extra,
+    )  # predict_canopy writes the STAC Items and QGIS style (io.sidecars), tagged with the command
     if not args.quiet:
         print(f"canopy height map: {out} (bands height, height_std; metres)")
         if args.summary:

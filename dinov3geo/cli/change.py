@@ -148,18 +148,8 @@ def run_detect(args: argparse.Namespace) -> int:
         scl_before=args.scl_before, scl_after=args.scl_after, cloud_test=args.cloud_test, model=args.model,
         backbone=args.backbone, value_scale=args.value_scale, mean=args.mean, std=args.std,
         polygons_name=args.polygons, window=args.window, batch_size=args.batch_size, device=args.device,
-        progress=not args.quiet,
+        progress=not args.quiet, sidecars={"dinov3geo:command": "change detect"},  # STAC Items + QGIS styles
     )
-    from dinov3geo.cli._sidecars import write_sidecars
-    from dinov3geo.io.stac import parse_date
-
-    try:
-        dated = (parse_date(res.pair.date_before, "date_before"), parse_date(res.pair.date_after, "date_after"))
-    except (TypeError, ValueError):
-        dated = None  # the Items take dates from the products' tags or their creation time
-    write_sidecars(res.paths.values(), inputs=[args.before, args.after, args.aoi, args.canopy_before,
-                                               args.canopy_after, args.forest_mask],
-                   model=[args.model, args.backbone], datetime=dated, command="change detect")
     if not args.quiet:
         p = res.pair
         mis = p.misregistration

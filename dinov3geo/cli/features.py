@@ -86,10 +86,8 @@ def run(args: argparse.Namespace) -> int:
         bands=bands, window=args.window, batch_size=args.batch_size,
         device=args.device, amp=None if args.amp == "none" else args.amp, pca=not args.no_pca,
         progress=not args.quiet, value_scale=args.value_scale, mean=args.mean, std=args.std,
+        sidecars={"dinov3geo:command": "features"},  # STAC Items + QGIS style (io.sidecars), tagged
     )
-    from dinov3geo.cli._sidecars import write_sidecars
-
-    write_sidecars([res.zarr, res.pca_tif], inputs=[args.image], model=args.weights, command="features")
     if args.weights is None:  # said after the run: a refused output stays a one-line error
         log.warning("no --weights given: these are features of a randomly initialised %s backbone (only useful "
                     "for testing)", args.arch)

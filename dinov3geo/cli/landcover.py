@@ -204,10 +204,8 @@ def run_predict(args: argparse.Namespace) -> int:
         bands=_bands(args.bands), assume_crs=args.assume_crs, window=args.window, overlap=args.overlap,
         batch_size=args.batch_size, device=args.device, amp=None if args.amp == "none" else args.amp,
         resume=not args.no_resume, progress=not args.quiet,
+        sidecars={"dinov3geo:command": "landcover predict"},  # STAC Items + QGIS styles (io.sidecars), tagged
     )
-    from dinov3geo.cli._sidecars import write_sidecars
-
-    write_sidecars([out], inputs=[args.image, args.aoi], model=args.model, command="landcover predict")
     if not args.quiet:
         print(f"land-cover map: {out} (class codes; colour table, category names in {out}.aux.xml, QGIS style "
               f"{out.with_suffix('.qml')})" + ("; band 2: confidence, percent" if args.confidence else ""))

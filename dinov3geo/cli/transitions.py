@@ -74,19 +74,8 @@ def run_transitions(args: argparse.Namespace) -> int:
     dates = (args.date1, args.date2) if (args.date1 or args.date2) else None
     res = transitions(args.map1, args.map2, args.out, change=args.change, change_threshold=args.change_threshold,
                       mmu_ha=args.mmu_ha, polygons=not args.no_polygons, connectivity=args.connectivity,
-                      classes=args.classes, dates=dates, tile=args.tile, progress=not args.quiet)
-    from dinov3geo.cli._sidecars import write_sidecars
-
-    stamps = None
-    if args.date1 and args.date2:
-        from dinov3geo.io.stac import parse_date
-
-        try:
-            stamps = (parse_date(args.date1, "--date1"), parse_date(args.date2, "--date2"))
-        except (TypeError, ValueError):
-            stamps = None  # the Items then take their dates from the maps
-    write_sidecars(res.paths.values(), inputs=[args.map1, args.map2, args.change], datetime=stamps,
-                   command="change transitions")
+                      classes=args.classes, dates=dates, tile=args.tile, progress=not args.quiet,
+                      sidecars={"dinov3geo:command": "change transitions"})  # STAC Items + QGIS styles, tagged
     if not args.quiet:
         s = res.summary
         d = s["dates"]

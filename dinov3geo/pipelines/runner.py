@@ -740,28 +740,21 @@ def _describe_stage(pipe: Pipeline, spec: StageSpec, tag: str, say: Callable[[st
     the Items of a change stage). Never fails the run: a sidecar that cannot be written (a file dinov3geo
     did not write is in the way, an unreadable product) is reported as one line and skipped.
     """
-    from dinov3geo.io.qgis import style_product
-    from dinov3geo.io.stac import describe_product, is_ours, item_path
+    from dinov3geo.io.sidecars import model_files, write_sidecars
+    from dinov3geo.io.stac import is_ours, item_path
 
-    models = [str(v) for k in MODEL_PARAMS if isinstance(v := spec.params.get(k), str) and v
-              and not v.startswith("random:")]
-    inputs = [p for p in spec.inputs() if p not in models]
-    extra = {"dinov3geo:pipeline": pipe.name, "dinov3geo:stage": spec.name, "dinov3geo:stage_type": spec.type}
+    models = model_files([spec.params.get(k) for k in MODEL_PARAMS])
+    todo = []
     for prod in _stage_products(spec):
         item = item_path(prod)
         if not fresh and (item.exists() or item.is_symlink()) and (
                 not is_ours(item) or item.stat().st_mtime_ns >= prod.stat().st_mtime_ns):
             continue  # up to date, or not ours (said when the stage ran; left alone)
-        try:
-            if prod.suffix.lower() in (".tif", ".tiff"):
-                for note in style_product(prod)["kept"]:
-                    say(f"{tag}: {note}")
-            describe_product(prod, inputs=inputs, model=models or None, item_id=_item_id(pipe, prod),
-                             extra_properties=extra, datetime=_result_dates(result))
-        except KeyboardInterrupt:
-            raise
-        except Exception as e:  # noqa: BLE001 - a sidecar never fails the run; the user is told
-            say(f"{tag}: no STAC item for {prod}: {e}")
+        todo.append(prod)
+    write_sidecars(todo, inputs=spec.inputs(), model=models, datetime=_result_dates(result),
+                   extra_properties={"dinov3geo:pipeline": pipe.name, "dinov3geo:stage": spec.name,
+                                     "dinov3geo:stage_type": spec.type},
+                   item_id=lambda prod: _item_id(pipe, prod), warn=lambda msg: say(f"{tag}: {msg}"))
 
 
 def _write_run_collection(pipe: Pipeline, say: Callable[[str], None]) -> Path | None:

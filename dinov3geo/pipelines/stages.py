@@ -417,7 +417,8 @@ def features_stage(
 
     res = extract_features(image, out, weights=weights, arch=arch, layers=layers or [-1], bands=bands,
                            window=window, overlap=overlap, batch_size=batch_size, device=device, amp=amp,
-                           pca=pca, progress=False, value_scale=value_scale, mean=mean, std=std)
+                           pca=pca, progress=False, value_scale=value_scale, mean=mean, std=std,
+                           sidecars=False)  # the runner describes the stage's products
     return {"zarr": str(res.zarr), "pca_png": str(res.pca_png) if res.pca_png else None,
             "pca_tif": str(res.pca_tif) if res.pca_tif else None, "n_features": res.n_features,
             "feature_grid": [res.grid.height, res.grid.width]}

@@ -25,7 +25,9 @@ kind with its parameters):
   confidence intervals (Olofsson et al. 2014).
 
 Each returns a small JSON-able dict with a ``summary`` of key numbers (prefixed with the stage name, so that
-two stages of one kind stay apart in the report's summary box).
+two stages of one kind stay apart in the report's summary box). They call the task functions with
+``sidecars=False``: the runner gives each stage's products their STAC Items (with the pipeline and stage) and
+QGIS styles itself, so nothing is written twice.
 """
 
 from __future__ import annotations
@@ -243,7 +245,7 @@ def canopy_predict_stage(
                           chmv2_backbone=chmv2_backbone, chmv2_head=chmv2_head, bands=bands, window=window,
                           overlap=overlap, batch_size=batch_size, device=device, amp=amp,
                           resample_to_model_gsd=resample_to_model_gsd, progress=False,
-                          resume=not (ctx is not None and ctx.rebuild))
+                          resume=not (ctx is not None and ctx.rebuild), sidecars=False)  # the runner's Items
     h = raster_stats(path, 1, cover_threshold)
     s = raster_stats(path, 2)
     lab = _label(ctx, label, "canopy map")
@@ -424,6 +426,7 @@ def change_detect_stage(
         assume_crs=assume_crs, scl_before=scl_before, scl_after=scl_after, cloud_test=cloud_test, model=model,
         backbone=backbone, value_scale=value_scale, mean=mean, std=std, layers=layers,
         polygons_name=polygons_name, window=window, batch_size=batch_size, device=device, progress=False,
+        sidecars=False,  # the runner writes the stage's Items (pipeline, stage) itself
     )
     lab = _label(ctx, label, "change")
     what = "forest loss" if res.loss_ha is not None else "change"
@@ -599,7 +602,7 @@ def landcover_predict_stage(
                              bands=bands, assume_crs=assume_crs, window=window, overlap=overlap,
                              batch_size=batch_size, device=device, amp=amp,
                              resample_to_model_gsd=resample_to_model_gsd, progress=False,
-                             resume=not (ctx is not None and ctx.rebuild))
+                             resume=not (ctx is not None and ctx.rebuild), sidecars=False)  # the runner's Items
     areas = _class_areas(path)
     total = sum(areas.values())
     lab = _label(ctx, label, "land-cover map")
@@ -704,7 +707,8 @@ def landcover_transitions_stage(
     _transitions_validate({"dates": dates, "connectivity": connectivity, "mmu_ha": mmu_ha})
     res = transitions(map1, map2, out_dir, change=change, change_threshold=change_threshold, mmu_ha=mmu_ha,
                       polygons=polygons, connectivity=connectivity, classes=classes,
-                      dates=tuple(dates) if dates else None, tile=tile, progress=False)
+                      dates=tuple(dates) if dates else None, tile=tile, progress=False,
+                      sidecars=False)  # the runner writes the stage's Items itself
     lab = _label(ctx, label, "transitions")
     names = list(res.table.names)
     gated = res.matrix_gated_ha is not None

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from dinov3geo.inference import BackboneFeatures, predict_raster
 from dinov3geo.io.grid import GridSpec
+from dinov3geo.io.sidecars import sidecar_properties, write_sidecars
 from dinov3geo.models import build_backbone, load_backbone
 from dinov3geo.utils.atomic import check_writable
 from dinov3geo.utils.locks import output_lock
@@ -137,6 +138,7 @@ def extract_features(
     value_scale: float | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
+    sidecars: bool | dict[str, Any] = True,
 ) -> FeatureResult:
     """Dense features of ``image`` into the Zarr ``out`` (see module docstring).
 
@@ -151,6 +153,11 @@ def extract_features(
         window, overlap, batch_size, device, amp: inference-engine settings.
         pca: also write ``<out stem>_pca.png`` and ``<out stem>_pca.tif``.
         value_scale, mean, std: override the input normalisation.
+        sidecars: writes ``<out>.stac.json`` (STAC Item of the feature store: grid, projection, one band per
+            feature, the image and the weights file) and, with ``pca``, ``<out stem>_pca.tif.stac.json`` plus
+            GDAL statistics for the PCA COG (an RGB composite: QGIS draws it without a ``.qml`` style)
+            (:func:`dinov3geo.io.sidecars.write_sidecars`; never fails the extraction). ``sidecars=False`` to
+            skip; a dict adds its entries to the Items' properties.
 
     ``out`` may be a new path, an empty folder or an earlier features output; anything else (an input, a
     folder holding an input, a folder dinov3geo did not create, a tile store) is refused before any work
@@ -162,9 +169,13 @@ def extract_features(
     for extra in pca_paths:
         guard_output(extra, [image, weights], role="PCA output")
     with output_lock(out, what="features"):
-        return _extract_features(image, out, weights=weights, arch=arch, layers=layers, bands=bands,
-                                 window=window, overlap=overlap, batch_size=batch_size, device=device, amp=amp,
-                                 pca=pca, progress=progress, value_scale=value_scale, mean=mean, std=std)
+        res = _extract_features(image, out, weights=weights, arch=arch, layers=layers, bands=bands,
+                                window=window, overlap=overlap, batch_size=batch_size, device=device, amp=amp,
+                                pca=pca, progress=progress, value_scale=value_scale, mean=mean, std=std)
+        props = sidecar_properties(sidecars, "dinov3geo.tasks.features.extract_features")
+        if props is not None:  # under the lock: no other run replaces the store while it is described
+            write_sidecars([res.zarr, res.pca_tif], inputs=[image], model=weights, extra_properties=props)
+        return res
 
 
 def _extract_features(image: Any, out: Path, *, weights: str | os.PathLike | None, arch: str,

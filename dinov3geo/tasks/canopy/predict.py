@@ -38,6 +38,7 @@ from dinov3geo.inference import predict_raster
 from dinov3geo.inference.sources import RasterSource
 from dinov3geo.io.grid import GridSpec
 from dinov3geo.io.scene import target_grid
+from dinov3geo.io.sidecars import sidecar_properties, write_sidecars
 from dinov3geo.tasks.canopy.model import CanopyHeightModel, CanopyRasterModel
 
 log = logging.getLogger("dinov3geo.canopy")
@@ -233,6 +234,7 @@ def predict_canopy(
     grid: GridSpec | None = None,
     resume: bool = True,
     progress: bool = True,
+    sidecars: bool | dict[str, Any] = True,
     **engine_kwargs: Any,
 ) -> Path:
     """Map canopy height of ``image`` into the COG ``out`` (bands ``height``, ``height_std``; metres).
@@ -253,6 +255,10 @@ def predict_canopy(
             ``gsd_tolerance`` (relative); upsampling a coarser image by more than ``max_resample_factor`` is an error (downsampling a finer one,
             by averaging, is always allowed).
         grid: explicit grid to read the image on (overrides the GSD logic).
+        sidecars: writes ``<out>.stac.json`` (STAC Item: footprint, projection, bands, checksum, the image, AOI
+            and model files) and, for the raster, a QGIS ``.qml`` style + GDAL statistics; with ``summary``, the
+            summary GeoPackage gets an Item too (:func:`dinov3geo.io.sidecars.write_sidecars`; never fails the
+            map). ``sidecars=False`` to skip; a dict adds its entries to the Items' properties.
 
     Returns:
         the output path.
@@ -320,4 +326,9 @@ def predict_canopy(
 
         s = Path(summary)
         summarise_heights(path, aoi, s.with_suffix(".gpkg"), s.with_suffix(".csv"))
+    props = sidecar_properties(sidecars, "dinov3geo.tasks.canopy.predict.predict_canopy")
+    if props is not None:
+        write_sidecars([path, Path(summary).with_suffix(".gpkg") if summary is not None else None],
+                       inputs=[image, aoi if isinstance(aoi, str | os.PathLike) else None],
+                       model=[model, chmv2_backbone, chmv2_head], extra_properties=props)
     return Path(path)

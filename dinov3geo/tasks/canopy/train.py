@@ -725,6 +725,6 @@ def evaluate_on_split(
     with rasterio.open(chm_path, "w", count=1, dtype="float32", nodata=np.nan, **profile) as ds:
         ds.write(np.where(pair.valid, pair.heights, np.nan).astype(np.float32)[None])
     pred = predict_canopy(model_path, img_path, out / "chm_pred.tif", window=window, device=device,
-                          progress=progress)
+                          progress=progress, sidecars=False)  # an evaluation map, not a product
     return evaluate_rasters(pred, chm_path, out, split_mask=split.mask(name), progress=progress,
                             title=f"{Path(out).name}: {name} blocks")

@@ -71,6 +71,8 @@ from rasterio.windows import Window
 from dinov3geo.inference import predict_raster
 from dinov3geo.io.cog import COGWriter
 from dinov3geo.io.grid import GridSpec
+from dinov3geo.io.sidecars import sidecar_properties, write_sidecars
+from dinov3geo.io.stac import parse_date
 from dinov3geo.io.vector import aoi_geometry, aoi_mask
 from dinov3geo.tasks.change.classic import CVAModel, NDVIDiffModel, band_stats, score_to_probability
 from dinov3geo.tasks.change.coregister import ArrayPair, CoregisteredPair, coregister
@@ -270,6 +272,7 @@ def detect_change(
     device: str = "auto",
     progress: bool = True,
     post_tile: int = DEFAULT_TILE,
+    sidecars: bool | dict[str, Any] = True,
 ) -> ChangeResult:
     """Detect change (and forest loss) between two dates and write maps, polygons and a summary.
 
@@ -307,6 +310,10 @@ def detect_change(
         window, batch_size, device, progress: inference-engine settings.
         post_tile: tile size (pixels) of the windowed post-processing; memory grows with its square (about
             100-150 MB at 2048), never with the grid. The outputs do not depend on it.
+        sidecars: writes ``<product>.stac.json`` (STAC Item spanning the pair's dates, with the images, AOI,
+            canopy/forest/cloud-mask inputs and model files) for the rasters and the polygons and, for the
+            rasters, a QGIS ``.qml`` style + GDAL statistics (:func:`dinov3geo.io.sidecars.write_sidecars`; never
+            fails the detection). ``sidecars=False`` to skip; a dict adds its entries to the Items' properties.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -535,6 +542,16 @@ def detect_change(
     lap("write")
     log.info("change detection steps (s): %s; %d tiles of %d px, %d regions across tile edges", timings,
              len(windows), int(post_tile), plan.n_components)
+    props = sidecar_properties(sidecars, "dinov3geo.tasks.change.detect.detect_change")
+    if props is not None:
+        try:
+            dated: tuple[Any, Any] | None = (parse_date(pair.date_before, "date_before"),
+                                             parse_date(pair.date_after, "date_after"))
+        except (TypeError, ValueError):
+            dated = None  # the Items take dates from the products' tags or their creation time
+        write_sidecars(paths.values(), inputs=[before, after, aoi if isinstance(aoi, str | os.PathLike) else None,
+                                               canopy_before, canopy_after, forest_mask, scl_before, scl_after],
+                       model=[model, backbone], datetime=dated, extra_properties=props)
     return ChangeResult(out, paths, float(prob_thr), float(score_thr), thr_src, change_ha,
                         loss_info["loss_ha"] if loss_info else None, polygons_ha, len(polys), pair, summary,
                         timings)

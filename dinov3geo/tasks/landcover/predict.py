@@ -191,6 +191,7 @@ def predict_landcover(
     resample_to_model_gsd: bool = True,
     resume: bool = True,
     progress: bool = True,
+    sidecars: bool | dict[str, Any] = True,
     **engine_kwargs: Any,
 ) -> Path:
     """Map the land cover of ``image`` into the class COG ``out`` (see the module docstring).
@@ -210,6 +211,10 @@ def predict_landcover(
         resample_to_model_gsd: read the image at the model's training GSD when its pixels differ from it by
             more than 10 % (the map then comes out at that GSD, as the model was trained; average when
             downsampling, bilinear when upsampling).
+        sidecars: writes ``<out>.stac.json`` (STAC Item with the image, AOI and model file) and, when kept,
+            ``<probabilities>.stac.json``; the rasters get a QGIS ``.qml`` style (the class map keeps the
+            palette style its writer gives it) + GDAL statistics (:func:`dinov3geo.io.sidecars.write_sidecars`;
+            never fails the map). ``sidecars=False`` to skip; a dict adds its entries to the Items' properties.
 
     Returns:
         the output path.
@@ -270,6 +275,13 @@ def predict_landcover(
                                     uses_image=bool(meta.get("uses_image_pixels")))
         if not keep:
             remove_quietly(probs)
+        from dinov3geo.io.sidecars import sidecar_properties, write_sidecars
+
+        props = sidecar_properties(sidecars, "dinov3geo.tasks.landcover.predict.predict_landcover")
+        if props is not None:  # under the lock: no other run replaces the map while it is described
+            write_sidecars([o, probs if keep else None],
+                           inputs=[image, aoi if isinstance(aoi, str | os.PathLike) else None], model=model,
+                           extra_properties=props)
     return o
 
 

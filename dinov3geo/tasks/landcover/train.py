@@ -668,7 +668,7 @@ def _evaluate_head(out: Path, cfg: LandcoverTrainConfig, labels: LabelRaster, ps
 
     map_path = predict_landcover(out / "model.pt", cfg.data.image, out / "map.tif", window=cfg.train.eval_window,
                                  assume_crs=cfg.data.assume_crs, device=cfg.train.device, progress=progress,
-                                 batch_size=2)
+                                 batch_size=2, sidecars=False)  # the test map; pipelines describe it
     with rasterio.open(map_path) as ds:
         pred = labels.table.index_lut()[ds.read(1)]
     acc = ConfusionAccumulator(labels.table.names)

@@ -70,6 +70,8 @@ from rasterio.windows import Window
 from dinov3geo.io.cog import COGWriter
 from dinov3geo.io.errors import RasterReadError
 from dinov3geo.io.grid import GridSpec
+from dinov3geo.io.sidecars import remove_sidecars, sidecar_properties, write_sidecars
+from dinov3geo.io.stac import parse_date
 from dinov3geo.tasks.change.polygons import pixel_area_ha
 from dinov3geo.tasks.change.windowed import DEFAULT_TILE, tile_windows, windowed_change_polygons
 from dinov3geo.tasks.landcover.classes import NODATA, ClassTable, ClassTableError, read_class_table
@@ -388,6 +390,7 @@ def transitions(
     dates: Sequence[Any] | None = None,
     tile: int = DEFAULT_TILE,
     progress: bool = True,
+    sidecars: bool | dict[str, Any] = True,
 ) -> TransitionResult:
     """Transition raster, matrices (hectares) and polygons between two class maps (see the module docstring).
 
@@ -405,6 +408,11 @@ def transitions(
         dates: ``(date1, date2)`` overriding the dates found in the maps' metadata or file names.
         tile: tile size in pixels (memory bound; results do not depend on it).
         progress: progress bars.
+        sidecars: writes ``<product>.stac.json`` (STAC Item with the maps, the change raster and the class
+            table; dated ``dates`` when both are given) for the transition rasters and polygons and, for the
+            rasters, a QGIS ``.qml`` style + GDAL statistics (:func:`dinov3geo.io.sidecars.write_sidecars`; never
+            fails the task). ``sidecars=False`` to skip; a dict adds its entries to the Items' properties. The
+            sidecars of an earlier run's product that this run does not write again are removed with it.
 
     Raises:
         TransitionError: different class tables, no overlap, codes outside the table (naming the files).
@@ -534,6 +542,7 @@ def transitions(
                 p.unlink()
                 with contextlib.suppress(FileNotFoundError):
                     Path(f"{p}.aux.xml").unlink()
+                remove_sidecars(p)
 
         summary = _summary(map1, map2, change, change_threshold, table, g1, dtype, nd, d1, d2, mmu_ha, matrix_ha,
                            matrix_px, matrix_g_ha, matrix_g_px, nodata_px, suppressed, row_area, poly_stats, n_poly,
@@ -543,6 +552,17 @@ def transitions(
             tmp.write_text(json.dumps(summary, indent=1) + "\n")
         for msg in notes:
             log.info(msg)
+        props = sidecar_properties(sidecars, "dinov3geo.tasks.landcover.transitions.transitions")
+        if props is not None:
+            stamps = None
+            if dates and len(dates) == 2 and dates[0] and dates[1]:
+                try:
+                    stamps = (parse_date(dates[0], "date1"), parse_date(dates[1], "date2"))
+                except (TypeError, ValueError):
+                    stamps = None  # the Items then take their dates from the maps
+            table_file = classes if isinstance(classes, str | os.PathLike) else None
+            write_sidecars(paths.values(), inputs=[map1, map2, change, table_file], datetime=stamps,
+                           extra_properties=props)
         return TransitionResult(out, paths, table, matrix_ha, matrix_px, matrix_g_ha, matrix_g_px, n_poly, summary)
     except BaseException:
         if fresh:  # a failed run leaves no folder behind (the writers already removed their files)

@@ -25,21 +25,27 @@ explicit ``batch_size`` is used as given; a resumed run keeps the batch size it 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dinov3geo.inference import predict_raster
+from dinov3geo.inference.batching import (
+    CPU_MEMORY_BUDGET,
+    CPU_PIXELS_PER_CALL,
+    CUDA_MEMORY_FRACTION,
+    MAX_AUTO_BATCH,
+    available_memory,
+    choose_batch_size,
+    resolve_batch_size,
+    resumed_batch_size,
+)
 from dinov3geo.inference.sources import RasterSource
 from dinov3geo.io.grid import GridSpec
 from dinov3geo.io.scene import target_grid
 from dinov3geo.io.sidecars import sidecar_properties, write_sidecars
-from dinov3geo.tasks.canopy.model import CanopyHeightModel, CanopyRasterModel
+from dinov3geo.tasks.canopy.model import CanopyRasterModel
 
 log = logging.getLogger("dinov3geo.canopy")
 
@@ -57,92 +63,13 @@ __all__ = [
 #: CPU: windows are added to a call while it holds fewer pixels than this (4 windows of 512^2 px). Measured
 #: with the fused readout on 2 cores (``benchmarks/canopy_memory.py``, 1024^2 NEON crop, window 512): batches of
 #: 2 and 4 took 9-10 % less CPU time than single windows with the ViT-L layout (143-145 s vs 159-166 s) and
-#: 2-4 % less with the tiny one, for 150-200 MiB more peak RSS with ViT-L.
-CPU_PIXELS_PER_CALL = 4 * 512 * 512
-#: CPU: working memory (bytes, by :meth:`CanopyHeightModel.memory_estimate`) a default batch may take: 4
-#: windows of 512^2 px with the ViT-L layout (estimate 758 MiB, measured peak RSS growth 773 MiB).
-CPU_MEMORY_BUDGET = 1 << 30
-#: CUDA: share of the free device memory a default batch may take (the rest: allocator slack, engine buffers).
-CUDA_MEMORY_FRACTION = 0.5
-#: Largest batch size chosen automatically.
-MAX_AUTO_BATCH = 32
+#: 2-4 % less with the tiny one, for 150-200 MiB more peak RSS with ViT-L. CPU_MEMORY_BUDGET: 4 windows of 512^2
+#: px with the ViT-L layout (estimate 758 MiB, measured peak RSS growth 773 MiB). These constants, and
+#: :func:`available_memory` / :func:`choose_batch_size`, live in :mod:`dinov3geo.inference.batching` (shared
+#: with change detection and land cover) and are re-exported here.
 
 
-def available_memory(device: torch.device | str = "cpu") -> int:
-    """Bytes available for a run: free device memory on CUDA, ``MemAvailable`` of ``/proc/meminfo`` on CPU.
-
-    Off Linux, the physical memory (``os.sysconf``) stands in for the available memory on CPU.
-    """
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(dev)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
-
-
-def choose_batch_size(
-    model: CanopyRasterModel | CanopyHeightModel,
-    window: int,
-    device: torch.device | str = "cpu",
-    batch_size: int | None = None,
-    *,
-    available: int | None = None,
-) -> int:
-    """Windows per model call: ``batch_size`` when given, else chosen by memory (and, on CPU, throughput).
-
-    Args:
-        model: the canopy model (its :meth:`~CanopyHeightModel.memory_estimate` is used).
-        window: window side in pixels.
-        device: where the model runs.
-        batch_size: an explicit choice (a positive int), returned unchanged.
-        available: bytes available (default :func:`available_memory` of ``device``).
-
-    Returns:
-        CUDA: the largest batch (at most :data:`MAX_AUTO_BATCH`) whose estimate fits in
-        :data:`CUDA_MEMORY_FRACTION` of the free memory; CPU: the largest batch up to
-        ``ceil(CPU_PIXELS_PER_CALL / window^2)`` whose estimate fits in ``min(CPU_MEMORY_BUDGET, available / 4)``.
-        Always at least 1.
-    """
-    if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int or None (automatic), got {batch_size!r}")
-        return batch_size
-    if window < 1:
-        raise ValueError(f"window must be positive, got {window}")
-    m = model.model if isinstance(model, CanopyRasterModel) else model
-    dev = torch.device(device)
-    avail = available_memory(dev) if available is None else int(available)
-    if dev.type == "cuda":
-        budget, cap = CUDA_MEMORY_FRACTION * avail, MAX_AUTO_BATCH
-    else:
-        budget = min(CPU_MEMORY_BUDGET, avail / 4)
-        cap = min(MAX_AUTO_BATCH, max(1, math.ceil(CPU_PIXELS_PER_CALL / (window * window))))
-    batch = 1
-    while batch < cap and m.memory_estimate(window, batch + 1) <= budget:
-        batch += 1
-    return batch
-
-
-def _resumed_batch_size(out: str | os.PathLike[str]) -> int | None:
-    """The batch size recorded by an interrupted run writing ``out`` (None when there is none)."""
-    from dinov3geo.inference.engine import parts_dir
-
-    try:
-        doc = json.loads((parts_dir(out) / "manifest.json").read_text())
-        value = doc["config"]["batch_size"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+_resumed_batch_size = resumed_batch_size  # (the name canopy callers and tests used)
 
 
 def canopy_raster_model(
@@ -278,12 +205,7 @@ def predict_canopy(
             guard_output(p, [*protect, out], role="--summary")
     dev = resolve_device(device)
     rm, gsd = canopy_raster_model(model, chmv2_backbone=chmv2_backbone, chmv2_head=chmv2_head, device=str(dev))
-    if batch_size is None:
-        resumed = _resumed_batch_size(out) if resume else None
-        batch_size = resumed or choose_batch_size(rm, window, dev)
-        log.info("batch size %d (%s)", batch_size, "as the run being resumed" if resumed else "automatic")
-    else:
-        batch_size = choose_batch_size(rm, window, dev, batch_size)
+    batch_size = resolve_batch_size(rm, window, dev, batch_size, out=out if resume else None)
     meta = getattr(rm.model, "metadata", {}) or {}
     src = None
     if grid is None or bands is None:

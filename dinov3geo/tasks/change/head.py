@@ -13,6 +13,12 @@ ConvNeXt's four stages, whose widths ``D_i`` differ):
 
 :class:`ChangeModel` = frozen backbone (eval mode, no gradients) + head; ``forward`` takes the normalised
 stacked pair ``[B, 2C, H, W]`` (any size; padded to the patch stride internally) and returns logits.
+
+Memory at region scale (``benchmarks/head_memory.py``): the two dates run through the backbone one after the
+other, and without gradients the head's full-resolution part (steps 3-4 and the output conv) runs one sample at
+a time (:attr:`ChangeHead.per_sample`; the logits equal the batched ones up to float32 rounding), so only the
+backbone's activations grow with the batch; :meth:`ChangeModel.memory_estimate` gives the working memory of a
+batch, from which :func:`dinov3geo.inference.batching.choose_batch_size` picks the default batch size.
 :class:`ChangeRasterModel` adds the normalisation and a sigmoid: a :class:`~dinov3geo.inference.RasterModel`
 giving ``[B, 1, H, W]`` change probability, carrying the validation-chosen ``threshold``.
 
@@ -106,12 +112,33 @@ class ChangeHead(nn.Module):
                        if detail_channels > 0 else None)
         self.out = nn.Sequential(_conv_block(c + max(detail_channels, 0), c), nn.Conv2d(c, 1, 1))
 
+    #: without gradients, run the upsampling stages, the detail branch and the output conv one sample at a time
+    #: (their maps at input resolution are then not batch-sized; GroupNorm is per sample, so the result is the
+    #: batched one up to float rounding). Training (gradients recorded) always runs the whole batch.
+    per_sample: bool = True
+
     def forward(self, f1: Sequence[Tensor], f2: Sequence[Tensor], x1: Tensor | None = None,
                 x2: Tensor | None = None) -> Tensor:
         """Per-block maps of both dates (``[B, D, h, w]`` each) and, for the detail branch, the normalised
         dates ``[B, C, h*s, w*s]`` -> logits ``[B, 1, h*s, w*s]``."""
+        if self.detail is not None and (x1 is None or x2 is None):
+            raise ValueError("this head has a detail branch: pass the two dates x1, x2")
         fused = [m(torch.cat([a, b, (a - b).abs()], dim=1)) for m, a, b in zip(self.fuse, f1, f2, strict=True)]
-        y = self.up(self.mix(torch.cat(fused, dim=1)))
+        y = self.mix(torch.cat(fused, dim=1))
+        n = y.shape[0]
+        if not self.per_sample or y.requires_grad or n == 1:
+            return self._full_resolution(y, x1, x2)
+        first = self._full_resolution(y[:1], None if x1 is None else x1[:1], None if x2 is None else x2[:1])
+        out = first.new_empty((n, *first.shape[1:]))
+        out[:1] = first
+        for i in range(1, n):
+            out[i : i + 1] = self._full_resolution(y[i : i + 1], None if x1 is None else x1[i : i + 1],
+                                                   None if x2 is None else x2[i : i + 1])
+        return out
+
+    def _full_resolution(self, y: Tensor, x1: Tensor | None, x2: Tensor | None) -> Tensor:
+        """Upsampling stages, detail branch and output conv: mixed patch-grid maps -> logits."""
+        y = self.up(y)
         if self.detail is not None:
             if x1 is None or x2 is None:
                 raise ValueError("this head has a detail branch: pass the two dates x1, x2")
@@ -158,14 +185,53 @@ class ChangeModel(nn.Module):
         """Frozen features ``(f1, f2)`` of a normalised ``[B, 2C, H, W]`` pair whose sides are multiples of
         :attr:`stride` (cacheable: they do not depend on the head)."""
         c = self.bands_per_date
-        feats = date_features(self.backbone, torch.cat([x[:, :c], x[:, c:]], dim=0), self.layers, self.upscale)
-        b = x.shape[0]
-        return [f[:b] for f in feats], [f[b:] for f in feats]
+        # one date at a time: the backbone's activations are those of B windows, not 2B
+        return (date_features(self.backbone, x[:, :c], self.layers, self.upscale),
+                date_features(self.backbone, x[:, c:], self.layers, self.upscale))
 
     def head_forward(self, f1: Sequence[Tensor], f2: Sequence[Tensor], x: Tensor) -> Tensor:
         """Head logits from (cached) features and the normalised pair ``x`` (sides multiples of the stride)."""
         c = self.bands_per_date
         return self.head(f1, f2, x[:, :c], x[:, c:])
+
+    def memory_estimate(self, window: int, batch: int = 1, itemsize: int | None = None) -> int:
+        """Estimated peak working memory (bytes, weights excluded) of one inference call on ``batch`` windows.
+
+        For ``window`` x ``window`` px pairs padded to the stride: per window the input (raw, normalised,
+        padded: ``3 x 2C`` maps), the backbone's activations for one date
+        (:func:`~dinov3geo.inference.batching.backbone_window_elements`; the dates run one after the other) and
+        the first date's tapped maps, the fusion at the patch grid and the output (probability, crop); and the
+        full-resolution part of the head (upsampling stages, detail branch, output conv: about
+        ``2 x (c + detail_channels) + 3C`` maps, ``c`` the last stage's channels) once when it runs per sample
+        (:attr:`ChangeHead.per_sample`), else per window. ``itemsize`` defaults to the head's.
+        Checked against measured peak RSS growth by ``benchmarks/head_memory.py``.
+        """
+        from dinov3geo.inference.batching import backbone_window_elements
+        from dinov3geo.models.taps import input_multiple
+
+        if window < 1 or batch < 1:
+            raise ValueError(f"window and batch must be positive, got {window}, {batch}")
+        item = int(itemsize or next(self.head.parameters()).element_size())
+        side = -(-int(window) // self.stride) * self.stride
+        px = side * side
+        m = input_multiple(self.backbone)
+        bb_side = -(-side * self.upscale // m) * m
+        grid = (side // self.stride) ** 2
+        c = self.bands_per_date
+        widths = self.head.widths
+        hidden = int(self.head.config["hidden"])
+        per_window = 6 * c * px + (c * px * self.upscale**2 if self.upscale != 1 else 0)
+        per_window += backbone_window_elements(self.backbone, bb_side, self.layers) + sum(widths) * grid
+        per_window += (3 * max(widths) + (len(widths) + 2) * hidden) * grid + 3 * px
+        last = int(self.head.out[-1].in_channels)
+        detail = int(self.head.config["detail_channels"])
+        full = (2 * (last + max(detail, 0)) + (3 * c if detail > 0 else 0)) * px
+        once = 0
+        if self.head.per_sample:
+            once = full
+        else:
+            per_window += full
+        return int((per_window * batch + once) * item)
 
     def forward(self, x: Tensor) -> Tensor:
         """Normalised ``[B, 2C, H, W]`` -> change logits ``[B, 1, H, W]``."""

@@ -17,6 +17,10 @@ logits ``[B, K, 16 h, 16 w]`` (input resolution):
 :class:`LandcoverModel` = frozen backbone + head + class table: it centre-pads inputs to a multiple of the patch
 size and crops the logits back, so outputs are at input size (:meth:`LandcoverModel.forward_features` /
 :meth:`LandcoverModel.forward_head` split backbone and head so training can cache features).
+Without gradients the dense head's full-resolution part (upsampling stages, image detail, classifier) runs one
+sample at a time (:attr:`DenseHead.per_sample`; the logits equal the batched ones up to float32 rounding);
+:meth:`LandcoverModel.memory_estimate` gives the working memory of a batch of windows, from which
+:func:`dinov3geo.inference.batching.choose_batch_size` picks the default batch size (``benchmarks/head_memory.py``).
 
 :func:`save_landcover_model` / :func:`load_landcover_model` write/read one ``torch.load(weights_only=True)``
 file::
@@ -177,20 +181,47 @@ class DenseHead(nn.Module):
                 "in_bands": self.in_bands, "detail_channels": self.detail_channels,
                 "min_channels": self.min_channels}
 
+    #: without gradients, run the upsampling stages, the image branch and the classifier one sample at a time
+    #: (their maps at input resolution are then not batch-sized; GroupNorm is per sample, so the result is the
+    #: batched one up to float rounding). Training (gradients recorded) always runs the whole batch.
+    per_sample: bool = True
+
     def forward(self, features: Sequence[Tensor], image: Tensor | None = None) -> Tensor:
         """``[B, K, patch h, patch w]`` logits; ``image`` (normalised, padded to the feature grid) is needed
         with ``image_detail``."""
         maps = list(features[-self.n_levels:])
-        x = sum(p(m) for p, m in zip(self.project, maps, strict=True))
-        x = self.upsample(F.gelu(self.norm(x)))
+        x = F.gelu(self.norm(sum(p(m) for p, m in zip(self.project, maps, strict=True))))
         if self.image_detail:
             if image is None:
                 raise ValueError("this dense head uses the image (image_detail=True): pass it")
-            if tuple(image.shape[-2:]) != tuple(x.shape[-2:]):
-                raise ValueError(f"image {tuple(image.shape[-2:])} does not match the upsampled grid "
-                                 f"{tuple(x.shape[-2:])}")
+            up = (x.shape[-2] * self.patch_size, x.shape[-1] * self.patch_size)
+            if tuple(image.shape[-2:]) != up:
+                raise ValueError(f"image {tuple(image.shape[-2:])} does not match the upsampled grid {up}")
+        n = x.shape[0]
+        if not self.per_sample or x.requires_grad or n == 1:
+            return self._full_resolution(x, image)
+        first = self._full_resolution(x[:1], None if image is None else image[:1])
+        out = first.new_empty((n, *first.shape[1:]))
+        out[:1] = first
+        for i in range(1, n):
+            out[i : i + 1] = self._full_resolution(x[i : i + 1], None if image is None else image[i : i + 1])
+        return out
+
+    def _full_resolution(self, x: Tensor, image: Tensor | None) -> Tensor:
+        """Upsampling stages, image branch and classifier: projected patch-grid maps -> logits."""
+        x = self.upsample(x)
+        if self.image_detail:
+            if image is None:
+                raise ValueError("this dense head uses the image (image_detail=True): pass it")
             x = self.fuse(torch.cat([x, self.detail(image.to(x.dtype))], dim=1))
         return self.classifier(x)
+
+    def full_resolution_maps(self) -> int:
+        """About how many single-channel input-resolution maps one sample's upsampling, image branch and
+        classifier keep alive at their peak (for memory estimates)."""
+        c = self.upsample[-1].conv.out_channels if len(self.upsample) else self.hidden
+        d = self.detail_channels if self.image_detail else 0
+        return 2 * (c + d) + (3 * int(self.in_bands or 0) if self.image_detail else 0) + 2 * self.n_classes
 
 
 HEAD_KINDS: dict[str, type[nn.Module]] = {"linear": LinearHead, "dense": DenseHead}
@@ -310,6 +341,39 @@ class LandcoverModel(nn.Module):
         img = self.pad(image.to(self.dtype)) if (image is not None and self.uses_image) else None
         y = self.head(feats, img)
         return crop_padding(y, (int(out_hw[0]), int(out_hw[1])), self.multiple)
+
+    def memory_estimate(self, window: int, batch: int = 1, itemsize: int | None = None) -> int:
+        """Estimated peak working memory (bytes, weights excluded) of one inference call on ``batch`` windows.
+
+        For ``window`` x ``window`` px inputs padded to :attr:`multiple`: per window the input (raw,
+        normalised, padded: ``3 x C`` maps), the backbone's activations
+        (:func:`~dinov3geo.inference.batching.backbone_window_elements`), the head's maps at the patch grid and
+        ``3 x K`` class maps (logits, their crop, the probabilities); a dense head's maps at input resolution
+        (:meth:`DenseHead.full_resolution_maps`) once when it runs per sample (:attr:`DenseHead.per_sample`),
+        else per window. ``itemsize`` defaults to the head's.
+        Checked against measured peak RSS growth by ``benchmarks/head_memory.py``.
+        """
+        from dinov3geo.inference.batching import backbone_window_elements
+
+        if window < 1 or batch < 1:
+            raise ValueError(f"window and batch must be positive, got {window}, {batch}")
+        item = int(itemsize or torch.empty((), dtype=self.dtype).element_size())
+        side = -(-int(window) // self.multiple) * self.multiple
+        px = side * side
+        grid = px // self.patch_size**2
+        head = self.head
+        k = int(head.n_classes)
+        per_window = 3 * int(self.backbone.config.in_chans) * px + 3 * k * px
+        per_window += backbone_window_elements(self.backbone, side, self.layers)
+        per_window += (sum(head.in_channels) + 2 * int(getattr(head, "hidden", k))) * grid
+        once = 0
+        if isinstance(head, DenseHead):
+            full = head.full_resolution_maps() * px
+            if head.per_sample:
+                once = full
+            else:
+                per_window += full
+        return int((per_window * batch + once) * item)
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits ``[B, K, H, W]`` of normalised images ``[B, C, H, W]``."""

@@ -300,7 +300,7 @@ def _assert_same_map(path: Path, before: Path) -> None:
 def test_predict_canopy_map_unchanged(before_map: dict[str, Path], tmp_path: Path,
                                       caplog: pytest.LogCaptureFixture) -> None:
     """The default run (fused readout, automatic batch size) maps what the pre-change path mapped."""
-    with caplog.at_level(logging.INFO, logger="dinov3geo.canopy"):
+    with caplog.at_level(logging.INFO, logger="dinov3geo"):  # (the batch is chosen by dinov3geo.inference.batching)
         new = predict_canopy(None, before_map["image"], tmp_path / "new.tif", chmv2_backbone=before_map["backbone"],
                              chmv2_head=before_map["head"], window=96, progress=False)
     assert "automatic" in caplog.text

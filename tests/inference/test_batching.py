@@ -1,0 +1,123 @@
+"""The shared automatic batch size (dinov3geo.inference.batching): any model with a memory estimate."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from dinov3geo.inference import batching
+from dinov3geo.inference.batching import (
+    CPU_MEMORY_BUDGET,
+    CPU_PIXELS_PER_CALL,
+    MAX_AUTO_BATCH,
+    backbone_window_elements,
+    choose_batch_size,
+    memory_estimator,
+    resolve_batch_size,
+    resumed_batch_size,
+)
+from dinov3geo.models import build_backbone
+
+
+class Linear:
+    """A model whose working memory is ``per_window`` bytes per window of 512^2 px (scaled by area)."""
+
+    def __init__(self, per_window: int) -> None:
+        self.per_window = per_window
+
+    def memory_estimate(self, window: int, batch: int = 1) -> int:
+        return int(self.per_window * batch * (window / 512) ** 2)
+
+
+class Wrapper:
+    """A raster model wrapping one (as ``.model``)."""
+
+    def __init__(self, model: object) -> None:
+        self.model = model
+
+
+def test_explicit_and_invalid() -> None:
+    m = Linear(1)
+    for explicit in (1, 5, 4096):
+        assert choose_batch_size(m, 512, "cpu", explicit) == explicit
+        assert choose_batch_size(object(), 512, "cpu", explicit) == explicit  # no estimate needed
+    for bad in (0, -1, 2.0, True, "4"):
+        with pytest.raises(ValueError, match="batch_size must be a positive int or None"):
+            choose_batch_size(m, 512, "cpu", bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="window"):
+        choose_batch_size(m, 0, "cpu")
+    with pytest.raises(TypeError, match="memory_estimate"):
+        choose_batch_size(object(), 512, "cpu")
+
+
+def test_cpu_cap_and_budget() -> None:
+    big = 1 << 40
+    small = Linear(1 << 20)
+    assert choose_batch_size(small, 512, "cpu", available=big) == CPU_PIXELS_PER_CALL // 512**2
+    assert choose_batch_size(Wrapper(small), 512, "cpu", available=big) == CPU_PIXELS_PER_CALL // 512**2
+    assert choose_batch_size(small, 128, "cpu", available=big) == min(MAX_AUTO_BATCH,
+                                                                        math.ceil(CPU_PIXELS_PER_CALL / 128**2))
+    assert choose_batch_size(small, 2048, "cpu", available=big) == 1
+    # the budget: 3 windows of 300 MiB fit in 1 GiB, 4 do not
+    assert choose_batch_size(Linear(300 << 20), 512, "cpu", available=big) == 3 == CPU_MEMORY_BUDGET // (300 << 20)
+    # a quarter of the available memory
+    assert choose_batch_size(small, 512, "cpu", available=4 * (2 << 20)) == 2
+    assert choose_batch_size(Linear(2 << 30), 512, "cpu", available=big) == 1  # never below 1
+
+
+def test_cuda_by_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = Linear(100 << 20)
+    assert choose_batch_size(m, 512, "cuda", available=2 * 7 * (100 << 20)) == 7
+    assert choose_batch_size(m, 512, "cuda", available=1 << 50) == MAX_AUTO_BATCH
+    monkeypatch.setattr(batching, "available_memory", lambda device="cpu": 2 * 5 * (100 << 20))
+    assert choose_batch_size(m, 512, "cuda") == 5  # default: the free memory of the device
+
+
+def test_memory_estimator_and_canopy_reexport() -> None:
+    m = Linear(3)
+    assert memory_estimator(m)(512, 2) == 6
+    assert memory_estimator(Wrapper(m))(512, 2) == 6
+    from dinov3geo.tasks.canopy import predict
+
+    assert predict.choose_batch_size is choose_batch_size
+    assert predict.available_memory is batching.available_memory
+    assert predict.CPU_MEMORY_BUDGET == CPU_MEMORY_BUDGET
+
+
+def test_backbone_window_elements() -> None:
+    vit = build_backbone("vitl16", device="meta")
+    tokens = 32 * 32 + 1 + vit.config.n_storage_tokens
+    e = backbone_window_elements(vit, 512, [5, 11, 17, 23])
+    assert e == tokens * (8 * 1024 + 2 * 4096) + 2 * 4 * tokens * 1024
+    assert backbone_window_elements(vit, 1024, [23]) > 3.9 * backbone_window_elements(vit, 512, [23])
+    cnx = build_backbone("convnext_tiny", device="meta")
+    assert backbone_window_elements(cnx, 512, [0, 1, 2, 3]) > backbone_window_elements(cnx, 256, [0, 1, 2, 3]) > 0
+
+
+def test_resolve_batch_size(tmp_path: Path) -> None:
+    from dinov3geo.inference.engine import parts_dir
+
+    m = Linear(300 << 20)
+    out = tmp_path / "map.tif"
+    big = 1 << 40
+    assert resolve_batch_size(m, 512, "cpu", out=out, available=big) == 3  # automatic: no interrupted run
+    assert resolve_batch_size(m, 512, "cpu", 7, out=out) == 7  # explicit
+    with pytest.raises(ValueError, match="batch_size"):
+        resolve_batch_size(m, 512, "cpu", 0)
+    assert resumed_batch_size(out) is None
+    parts = parts_dir(out)
+    parts.mkdir()
+    (parts / "manifest.json").write_text(json.dumps({"config": {"batch_size": 5}}))
+    assert resumed_batch_size(out) == 5
+    assert resolve_batch_size(m, 512, "cpu", out=out, available=big) == 5  # the interrupted run's batch
+    assert resolve_batch_size(m, 512, "cpu", out=None, available=big) == 3  # not resuming
+    assert resolve_batch_size(m, 512, "cpu", 2, out=out) == 2
+    (parts / "manifest.json").write_text(json.dumps({"config": {"batch_size": True}}))
+    assert resumed_batch_size(out) is None
+    # models without an estimate: the fallback, else a TypeError
+    assert resolve_batch_size(object(), 512, "cpu", fallback=4) == 4
+    with pytest.raises(TypeError, match="memory_estimate"):
+        resolve_batch_size(object(), 512, "cpu")

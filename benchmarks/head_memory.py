@@ -201,11 +201,9 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
                             threshold=spec.get("threshold"), **kw)
         engine_s = res.timings.get("model")
     else:
-        if "sidecars" in inspect.signature(predict_landcover).parameters:
-            kw["sidecars"] = False
         stats: dict[str, Any] = {}
         predict_landcover(rm, spec["image"], spec["out"], probabilities=spec["probs"], resume=False, stats=stats,
-                          **kw)
+                          sidecars=False, **kw)
         engine_s = stats.get("seconds")
     wall = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)

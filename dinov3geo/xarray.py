@@ -628,7 +628,7 @@ def _coords_1d(transform: Affine, n: int, axis: str) -> np.ndarray:
 
 
 def _predict(model: RasterModel, inputs: Sequence[_Input], *, window: int, overlap: int | None,
-             batch_size: int, device: Any, amp: Any, block_size: int, blocksize: int | None,
+             batch_size: int, device: Any, amp: Any, block_size: int | None, blocksize: int | None,
              model_threads: int | str | None, name: str, attrs: dict[str, Any] | None = None,
              loader: Callable[[], RasterModel] | None = None, reads: str = "auto") -> xr.DataArray:
     """:func:`predict` over one input or several stacked along the band axis (all on one grid)."""
@@ -702,7 +702,7 @@ def predict(
     nodata: float | None = None,
     device: str | torch.device = "auto",
     amp: str | bool | None = "auto",
-    block_size: int = 2048,
+    block_size: int | None = None,
     blocksize: int | None = None,
     model_threads: int | str | None = "auto",
     model_loader: Callable[[], RasterModel] | None = None,
@@ -802,7 +802,7 @@ def features(
 
 
 def _engine_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
-    allowed = {"block_size": 2048, "blocksize": None, "model_threads": "auto", "reads": "auto"}
+    allowed = {"block_size": None, "blocksize": None, "model_threads": "auto", "reads": "auto"}
     bad = sorted(set(kw) - set(allowed))
     if bad:
         raise TypeError(f"unexpected option(s) {bad}; accepted: {sorted(allowed)}")

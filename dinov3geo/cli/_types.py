@@ -201,28 +201,12 @@ def size_wxh(lo: int = 1, hi: int = 20000) -> Callable[[str], tuple[int, int]]:
 def available_memory() -> int | None:
     """Bytes of memory available to a new allocation (``psutil``, else ``/proc/meminfo``); None if unknown.
 
-    ``DINOV3GEO_AVAILABLE_MEMORY`` (bytes) overrides it (tests, or a share of a machine).
+    ``DINOV3GEO_AVAILABLE_MEMORY`` (bytes) overrides it (tests, or a share of a machine):
+    :func:`dinov3geo.utils.memory.host_available_memory`, which the automatic batch size uses too.
     """
-    env = os.environ.get("DINOV3GEO_AVAILABLE_MEMORY")
-    if env:
-        try:
-            return int(float(env))
-        except ValueError:
-            pass
-    try:
-        import psutil
+    from dinov3geo.utils.memory import host_available_memory
 
-        return int(psutil.virtual_memory().available)
-    except Exception:  # noqa: BLE001 - not installed, or no access: fall back
-        pass
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return host_available_memory()
 
 
 def format_bytes(n: float) -> str:

@@ -105,7 +105,9 @@ def register_detect(csub: argparse._SubParsersAction) -> None:
                    help="polygons file name in --out (.gpkg, .parquet or .geojson)")
     d.add_argument("--window", type=integer(16), default=512,
                    help="window side in pixels (default 512)")
-    d.add_argument("--batch-size", type=integer(1, 4096), default=4, help="windows per model call (default 4)")
+    d.add_argument("--batch-size", type=integer(1, 4096), default=None,
+                   help="windows per model call (default: --method head: chosen from the model's memory estimate "
+                   "and the memory available; classic and zeroshot: 4)")
     d.add_argument("--device", default="auto")
     d.set_defaults(func=run_detect, _check=check_detect)
 
@@ -130,7 +132,7 @@ def check_detect(args: argparse.Namespace) -> None:
     size = raster_size(args.before, args.assume_crs)
     if size is not None:  # both dates are held for a window
         size = (size[0], size[1], 2 * size[2], size[3])
-    check_window_memory("--window", args.window, args.batch_size, size, minimum=16)
+    check_window_memory("--window", args.window, args.batch_size or 1, size, minimum=16)
 
 
 def run_detect(args: argparse.Namespace) -> int:

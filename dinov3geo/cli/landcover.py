@@ -173,7 +173,9 @@ def _register_predict(actions: argparse._SubParsersAction) -> None:
                    help=f"window side in pixels: a multiple of {WINDOW_MULTIPLE}, at least {MIN_WINDOW} (default 512)")
     p.add_argument("--overlap", type=integer(0), default=None,
                    help=f"window overlap in pixels, at least {2 * RECEPTIVE_MARGIN} (default: half a window)")
-    p.add_argument("--batch-size", type=integer(1, 4096), default=4, help="windows per model call (default 4)")
+    p.add_argument("--batch-size", type=integer(1, 4096), default=None,
+                   help="windows per model call (default: chosen from the model's memory estimate and the memory "
+                   "available)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:0...")
     p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bf16 or none")
     p.add_argument("--no-resume", action="store_true", help="start afresh instead of continuing a killed run")
@@ -192,7 +194,7 @@ def check_predict(args: argparse.Namespace) -> None:
     if args.probabilities:
         check_output_parent("--probabilities", args.probabilities)
     size = raster_size(args.image, args.assume_crs)
-    check_window_memory("--window", args.window, args.batch_size, size, out_bands=8, multiple=WINDOW_MULTIPLE,
+    check_window_memory("--window", args.window, args.batch_size or 1, size, out_bands=8, multiple=WINDOW_MULTIPLE,
                         minimum=MIN_WINDOW)
 
 

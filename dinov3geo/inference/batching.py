@@ -11,8 +11,9 @@ into the number of windows per model call when the user gives none (``batch_size
   :data:`CUDA_MEMORY_FRACTION` of the free device memory.
 * **CPU**: batching saves a little CPU time (up to 10 % with ViT-L backbones, ``benchmarks/canopy_memory.py``,
   ``benchmarks/head_memory.py``) but costs memory, so windows are added up to :data:`CPU_PIXELS_PER_CALL` pixels
-  per call (4 windows of 512 px), and only while the estimate stays within :data:`CPU_MEMORY_BUDGET` and a
-  quarter of the available memory.
+  per call (4 windows of 512 px), and only while the estimate plus the engine's own region-scale buffers
+  (:func:`region_reserve`: tile cache, block accumulators, batches in flight) stays within
+  :data:`CPU_MEMORY_BUDGET` and a quarter of the available memory.
 
 :func:`resolve_batch_size` is what a task's ``batch_size=None`` means as a whole: an explicit batch as given, the
 batch of the interrupted run being resumed (:func:`resumed_batch_size`: it is part of the run's fingerprint),
@@ -41,6 +42,7 @@ __all__ = [
     "backbone_window_elements",
     "choose_batch_size",
     "memory_estimator",
+    "region_reserve",
     "resolve_batch_size",
     "resumed_batch_size",
 ]
@@ -61,21 +63,19 @@ MAX_AUTO_BATCH = 32
 
 
 def available_memory(device: torch.device | str = "cpu") -> int:
-    """Bytes available for a run: free device memory on CUDA, ``MemAvailable`` of ``/proc/meminfo`` on CPU.
-
-    Off Linux, the physical memory (``os.sysconf``) stands in for the available memory on CPU.
+    """Bytes available for a run: free device memory on CUDA; on CPU
+    :func:`dinov3geo.utils.memory.host_available_memory` (``DINOV3GEO_AVAILABLE_MEMORY`` when set, ``psutil``,
+    ``/proc/meminfo``; the CLI's memory checks read the same), else the physical memory (``os.sysconf``).
     """
     dev = torch.device(device)
     if dev.type == "cuda":
         free, _total = torch.cuda.mem_get_info(dev)
         return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    from dinov3geo.utils.memory import host_available_memory
+
+    avail = host_available_memory()
+    if avail is not None:
+        return avail
     try:
         return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
@@ -117,8 +117,8 @@ def choose_batch_size(
     Returns:
         CUDA: the largest batch (at most :data:`MAX_AUTO_BATCH`) whose estimate fits in
         :data:`CUDA_MEMORY_FRACTION` of the free memory; CPU: the largest batch up to
-        ``ceil(CPU_PIXELS_PER_CALL / window^2)`` whose estimate fits in ``min(CPU_MEMORY_BUDGET, available / 4)``.
-        Always at least 1.
+        ``ceil(CPU_PIXELS_PER_CALL / window^2)`` whose estimate plus the engine's own buffers
+        (:func:`region_reserve`) fits in ``min(CPU_MEMORY_BUDGET, available / 4)``. Always at least 1.
 
     Raises:
         ValueError: ``batch_size`` is not a positive int or None, or ``window`` is not positive.
@@ -135,13 +135,33 @@ def choose_batch_size(
     avail = available_memory(dev) if available is None else int(available)
     if dev.type == "cuda":
         budget, cap = CUDA_MEMORY_FRACTION * avail, MAX_AUTO_BATCH
+
+        def need(b: int) -> float:
+            return estimate(window, b)
     else:
         budget = min(CPU_MEMORY_BUDGET, avail / 4)
         cap = min(MAX_AUTO_BATCH, max(1, math.ceil(CPU_PIXELS_PER_CALL / (window * window))))
+
+        def need(b: int) -> float:  # the model's working memory and the engine's own buffers share the budget
+            return estimate(window, b) + region_reserve(model, window, b)
     batch = 1
-    while batch < cap and estimate(window, batch + 1) <= budget:
+    while batch < cap and need(batch + 1) <= budget:
         batch += 1
     return batch
+
+
+def region_reserve(model: Any, window: int, batch: int) -> int:
+    """Host memory (bytes) the inference engine's own buffers take beside a model of ``batch`` windows on CPU
+    (:func:`dinov3geo.inference.engine.region_buffer_bytes` of the raster model, or of a task model's bands:
+    ``in_bands`` / ``out_bands`` / ``scale`` where it declares them, else 4 input bands, 1 output band, scale 1).
+    """
+    from types import SimpleNamespace
+
+    from dinov3geo.inference.engine import region_buffer_bytes
+
+    proxy = SimpleNamespace(in_bands=getattr(model, "in_bands", None) or 4,
+                            out_bands=getattr(model, "out_bands", None) or 1, scale=getattr(model, "scale", None) or 1)
+    return region_buffer_bytes(proxy, window, batch)  # type: ignore[arg-type]
 
 
 def resumed_batch_size(out: str | os.PathLike[str]) -> int | None:

@@ -63,8 +63,8 @@ from dinov3geo.utils.progress import progress_bar
 from dinov3geo.utils.runs import consecutive_runs
 from dinov3geo.utils.threads import FairThreads
 
-__all__ = ["InferenceConfig", "make_layout", "parts_dir", "predict_array", "predict_raster", "resolve_amp",
-           "resolve_device"]
+__all__ = ["BLOCK_BYTES", "DEFAULT_BLOCK_SIZE", "InferenceConfig", "make_layout", "parts_dir", "predict_array",
+           "predict_raster", "region_buffer_bytes", "resolve_amp", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -597,28 +597,36 @@ class _TileWriter:
                         self._write_tile((ti, tj), deps, acc)
 
     def _write_tile(self, tile: tuple[int, int], deps: Sequence[tuple[int, int]], acc: _Accumulator | None) -> None:
+        """Sum the partial results of ``deps`` over the tile, blend and write it, in strips of COG block rows
+        (the buffers and the saved blocks' mapped pages are a strip's, not the tile's). Each pixel's sum is the
+        same, added in the same order."""
         lay, k = self.cfg.layout, self.cfg.out_bands
-        rect = lay.tile_rect(*tile)
-        t0, t1, u0, u1 = rect
-        total = np.zeros((k + 1, t1 - t0, u1 - u0), dtype=np.float32)
-        for d in deps:
-            if d in self.empty:
-                continue
-            ext = lay.block_extent(*d)
-            inter = _intersect(rect, ext)
-            if inter is None:
-                continue
-            src = _slice(inter, ext)
-            dst = _slice(inter, rect)
-            if acc is not None and acc.block == d:
-                total[(slice(None), *dst)] += acc.acc[(slice(None), *src)]
-            else:
-                arr = np.load(_block_path(self.cfg.parts, d), mmap_mode="r")
-                total[(slice(None), *dst)] += arr[(slice(None), *src)]
-                del arr
-        out = finalise_blend(total, self.dtype, self.nodata)  # in place: no temporaries of the tile's size
-        self.writer.write(out, Window(u0, t0, u1 - u0, t1 - t0))
+        t0, t1, u0, u1 = lay.tile_rect(*tile)
+        step = max(lay.align, (self.STRIP_ELEMENTS // max(1, (k + 1) * (u1 - u0))) // lay.align * lay.align)
+        sources: list[tuple[tuple[int, int], Rect]] = [
+            (d, lay.block_extent(*d)) for d in deps if d not in self.empty]
+        for s0 in range(t0, t1, step):
+            rect = (s0, min(t1, s0 + step), u0, u1)
+            total = np.zeros((k + 1, rect[1] - rect[0], u1 - u0), dtype=np.float32)
+            for d, ext in sources:
+                inter = _intersect(rect, ext)
+                if inter is None:
+                    continue
+                src = _slice(inter, ext)
+                dst = _slice(inter, rect)
+                if acc is not None and acc.block == d:
+                    total[(slice(None), *dst)] += acc.acc[(slice(None), *src)]
+                else:  # mapped per strip: its pages leave the resident set with the mapping
+                    arr = np.load(_block_path(self.cfg.parts, d), mmap_mode="r")
+                    total[(slice(None), *dst)] += arr[(slice(None), *src)]
+                    del arr
+            out = finalise_blend(total, self.dtype, self.nodata)  # in place: no temporaries of its size
+            self.writer.write(out, Window(u0, rect[0], u1 - u0, rect[1] - rect[0]))
+            del total, out
         self.written.add(tile)
+
+    #: elements of one strip's sum buffer (``(K + 1) x rows x tile width``; at least one COG block row)
+    STRIP_ELEMENTS = 4 * 2**20
 
 
 def _slice(inner: Rect, outer: Rect) -> tuple[slice, slice]:
@@ -814,6 +822,7 @@ class _Pipeline:
                     status = _save_block(cfg.parts, acc)
                     self.manifest.mark(block, status)
                     self.tiles.block_finished(block, status, acc)
+                    acc = None  # freed before the next block's accumulator is allocated
                     self.bar.update(len(cfg.layout.block_cells(*block)))
                 elif kind == "done":
                     _, block = item
@@ -923,6 +932,50 @@ def _read_threads(requested: int | None, device: torch.device) -> int:
     return 1 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) // 2))
 
 
+_QUEUE_BATCHES = 3  # batches waiting between reader and model, and between model and writer
+
+
+def region_buffer_bytes(model: RasterModel, window: int, batch_size: int) -> int:
+    """Most host memory (bytes) the engine's own buffers take on CPU beside the model's working memory: the input
+    tile cache and the strip being assembled, one block's accumulators (automatic block size), a strip of a tile
+    being written, GDAL's block cache, and the batches in flight (queued inputs and outputs, the one in the model
+    and the one being accumulated), inputs counted as float32 (``model.in_bands``, 4 bands when it takes any).
+
+    An upper bound for the default settings, used by :func:`dinov3geo.inference.batching.choose_batch_size` to
+    keep a default run's peak RSS growth within its budget at region scale (``benchmarks/canopy_memory.py``:
+    the model's estimate alone left a ViT-L 4096^2 canopy run 85 MiB over 1 GiB).
+    """
+    in_bands = int(model.in_bands) if model.in_bands else 4
+    scale = max(1, int(model.scale))
+    per_window = 4 * (in_bands * window * window + int(model.out_bands) * (window // scale) ** 2)
+    fixed = (3 * _STRIP_BYTES // 2 + _STRIP_BYTES + BLOCK_BYTES + 4 * _TileWriter.STRIP_ELEMENTS
+             + 32 * 2**20)  # tile cache, strip, accumulators, tile strip, GDAL cache (the default's least)
+    return int(fixed + (2 * _QUEUE_BATCHES + 2) * int(batch_size) * per_window)
+
+
+#: Block side (input pixels) of the automatic block size, for outputs whose accumulators fit :data:`BLOCK_BYTES`.
+DEFAULT_BLOCK_SIZE = 2048
+#: The automatic block size keeps one block's accumulators (``(out_bands + 1) x extent^2`` float32) within this
+#: many bytes: 2048 px blocks for canopy maps (2 bands), 1024 px for 8-class land-cover probabilities (measured,
+#: ``benchmarks/head_memory.py``: a 4096^2 land-cover run's peak RSS growth 0.9 -> 0.57 GiB with the tiny model).
+BLOCK_BYTES = 64 * 2**20
+
+
+def _block_windows(block_size: int | None, stride: int, overlap: int, scale: int, out_bands: int,
+                   least: int) -> int:
+    """Lattice cells per block side: ``block_size / stride`` when given, else the most up to
+    ``DEFAULT_BLOCK_SIZE / stride`` whose accumulators fit :data:`BLOCK_BYTES`; never below ``least``."""
+    if block_size is not None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int (input pixels) or None (automatic), got "
+                             f"{block_size!r}")
+        return max(1, round(block_size / stride), least)
+    bw = max(1, round(DEFAULT_BLOCK_SIZE / stride))
+    while bw > 1 and (out_bands + 1) * 4 * ((bw * stride + overlap) // scale) ** 2 > BLOCK_BYTES:
+        bw -= 1
+    return max(bw, least)
+
+
 def make_layout(
     model: RasterModel,
     height: int,
@@ -930,15 +983,17 @@ def make_layout(
     *,
     window: int = 512,
     overlap: int | None = None,
-    block_size: int = 2048,
+    block_size: int | None = None,
     blocksize: int | None = None,
 ) -> Layout:
     """The :class:`~dinov3geo.inference.layout.Layout` :func:`predict_raster` uses for ``model`` on a grid.
 
     ``overlap`` defaults to a quarter window (half a window for a model with ``global_context = True``, e.g. a
     ViT, whose output depends on the whole window), and at least twice the model's receptive margin plus a
-    ramp of two output pixels (:func:`~dinov3geo.inference.layout.default_overlap`). ``blocksize`` is the COG tile size (default: 512, smaller for many
-    bands); blocks are at least large enough for tiles to align with it.
+    ramp of two output pixels (:func:`~dinov3geo.inference.layout.default_overlap`). ``blocksize`` is the COG tile
+    size (default: 512, smaller for many bands); blocks are at least large enough for tiles to align with it.
+    ``block_size`` (input pixels) None: :data:`DEFAULT_BLOCK_SIZE`, smaller when the block's accumulators would
+    exceed :data:`BLOCK_BYTES` (many output bands).
 
     A model may declare ``window_align`` (input pixels; e.g. 32 for a ConvNeXt, whose stage-3 cells are 32 px):
     window origins are then multiples of it (the default overlap is widened to put the lattice step on it; a
@@ -972,8 +1027,8 @@ def make_layout(
     stride_out = (window - overlap) // scale
     if stride_out <= 0:
         raise ValueError(f"overlap {overlap} must be smaller than window {window}")
-    bw = max(1, round(block_size / (window - overlap)))
-    bw = max(bw, math.ceil((overlap // scale + bs) / stride_out))
+    bw = _block_windows(block_size, window - overlap, overlap, scale, int(model.out_bands),
+                        math.ceil((overlap // scale + bs) / stride_out))
     return Layout(height, width, window, overlap, scale, margin_out, bw, align=bs, start_align=start_align,
                   edge_fill=edge_fill)
 
@@ -997,7 +1052,7 @@ def predict_raster(
     out_grid: GridSpec | None = None,
     device: str | torch.device = "auto",
     amp: str | bool | None = "auto",
-    block_size: int = 2048,
+    block_size: int | None = None,
     read_threads: int | None = None,
     threads: bool = True,
     io_nice: int = 5,
@@ -1039,7 +1094,9 @@ def predict_raster(
             coarsened by the model's ``scale``.
         device: ``"auto"`` (CUDA if available), ``"cpu"``, ``"cuda:1"``...
         amp: ``"auto"`` (bf16 autocast on CUDA, fp32 on CPU), ``"bf16"`` (also on CPU), ``"fp16"`` or None.
-        block_size: approximate block side in input pixels (unit of resume and of distribution).
+        block_size: approximate block side in input pixels (unit of resume and of distribution). None
+            (default): 2048, less for outputs with many bands (:func:`make_layout`; the block's accumulators
+            stay within :data:`BLOCK_BYTES`).
         read_threads: threads reading strips of windows. Default: 1 on CPU (the model's threads use the cores;
             reading costs about 5 % of a ViT-S's time there), half the cores (at most 4) on a GPU, where
             decoding the input is what limits the throughput. More help with remote files.
@@ -1119,7 +1176,7 @@ def _disk_full_errors(out: Path) -> Iterator[None]:
 def _predict_raster(model: RasterModel, source: Any, out_path: Path, *, window: int, overlap: int | None,
                     batch_size: int, bands: Sequence[str | int] | None, nodata: float | None, aoi: Any,
                     aoi_crs: Any, out_grid: GridSpec | None, device: str | torch.device, amp: str | bool | None,
-                    block_size: int, read_threads: int | None, threads: bool, io_nice: int, scheduler: Any,
+                    block_size: int | None, read_threads: int | None, threads: bool, io_nice: int, scheduler: Any,
                     resume: bool, keep_parts: bool, progress: bool, compress: str | None, blocksize: int | None,
                     overview_resampling: str, overviews: bool | None, gdal_cachemax_mb: int | None,
                     tags: dict[str, Any] | None, stats: dict[str, Any] | None, keep_freed_memory: bool,
@@ -1205,7 +1262,7 @@ def _predict_raster(model: RasterModel, source: Any, out_path: Path, *, window: 
                 _run_dask(cfg, model, tiles, manifest, todo, done_blocks, bar, scheduler)
             elif threads:
                 model.to(dev).eval()
-                pipe = _Pipeline(cfg, model, tiles, manifest, todo, done_blocks, bar, queue_batches=3,
+                pipe = _Pipeline(cfg, model, tiles, manifest, todo, done_blocks, bar, queue_batches=_QUEUE_BATCHES,
                                  io_nice=io_nice if dev.type == "cpu" else 0, model_threads=model_threads)
                 pipe.run()
                 st.update(model_seconds=pipe.model_seconds, windows_run=pipe.model_windows,
@@ -1304,7 +1361,7 @@ def predict_array(
         todo = layout.blocks()
         bar = progress_bar(total=layout.n_windows, disable=True)
         if threads:
-            _Pipeline(cfg, model, tiles, manifest, todo, [], bar, queue_batches=3).run()
+            _Pipeline(cfg, model, tiles, manifest, todo, [], bar, queue_batches=_QUEUE_BATCHES).run()
         else:
             with src.reader() as reader:
                 for b in todo:

@@ -398,7 +398,7 @@ def change_detect_stage(
     std: list[float] | None = None,
     polygons_name: str = "loss_polygons.gpkg",
     window: int = 512,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     device: str = "auto",
     label: str | None = None,
     ctx: StageContext | None = None,
@@ -412,6 +412,8 @@ def change_detect_stage(
     ``backbone``: Meta's SAT-493M file or a dinov3geo-pretrained backbone.pth) or head (a trained change
     ``model``). Forest at date 1 comes from ``forest_mask`` (e.g. a forest_mask stage) and/or
     ``canopy_before`` (+ ``canopy_after`` for the height-drop rule); ``mmu_ha`` is the minimum mapping unit.
+    ``batch_size`` null (default): method head chooses it from the model's memory estimate and the memory
+    available, classic and zeroshot use 4 (``benchmarks/head_memory.py``).
     """
     from dinov3geo.tasks.change.detect import detect_change
 
@@ -582,7 +584,7 @@ def landcover_predict_stage(
     assume_crs: str | None = None,
     window: int = 512,
     overlap: int | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     device: str = "auto",
     amp: str | None = "auto",
     resample_to_model_gsd: bool = True,
@@ -595,6 +597,8 @@ def landcover_predict_stage(
     QGIS style ``.qml``); ``confidence`` adds band 2 (maximum class probability, percent); ``aoi`` (vector file)
     maps only inside; ``probabilities`` also keeps the class probabilities. Returns the mapped hectares of
     each class. A rebuild maps afresh; the old files are replaced atomically, never deleted beforehand.
+    ``batch_size`` null (default): chosen from the model's memory estimate and the memory available
+    (``benchmarks/head_memory.py``).
     """
     from dinov3geo.tasks.landcover.predict import predict_landcover
 

@@ -1,4 +1,5 @@
-"""Keep freed memory in the process during CPU training (glibc ``mallopt``).
+"""Host memory: what is available (:func:`host_available_memory`), and keeping freed memory in the process
+during CPU training (glibc ``mallopt``, :func:`keep_freed_memory`).
 
 A training step allocates and frees the same large buffers every iteration (activations, logits over
 65,536 prototypes, gradients). glibc serves every allocation above its mmap threshold (128 KiB, adjusted
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -93,3 +95,30 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
                     libc.mallopt(_M_MMAP_THRESHOLD, _RESTORE_MMAP)
                     libc.mallopt(_M_TRIM_THRESHOLD, _RESTORE_TRIM)
                     libc.malloc_trim(0)
+
+
+def host_available_memory() -> int | None:
+    """Bytes of host memory available to new allocations: ``DINOV3GEO_AVAILABLE_MEMORY`` (bytes; tests, or a
+    share of a machine) when set, else ``psutil``'s available memory, else ``MemAvailable`` of ``/proc/meminfo``;
+    None when unknown. Standard library only at import (the CLI's checks use it before loading torch).
+    """
+    env = os.environ.get("DINOV3GEO_AVAILABLE_MEMORY")
+    if env:
+        try:
+            return int(float(env))
+        except ValueError:
+            pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:  # noqa: BLE001 - not installed, or no access: fall back
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -16,6 +16,7 @@ from dinov3geo.inference.batching import (
     backbone_window_elements,
     choose_batch_size,
     memory_estimator,
+    region_reserve,
     resolve_batch_size,
     resumed_batch_size,
 )
@@ -61,10 +62,15 @@ def test_cpu_cap_and_budget() -> None:
     assert choose_batch_size(small, 128, "cpu", available=big) == min(MAX_AUTO_BATCH,
                                                                         math.ceil(CPU_PIXELS_PER_CALL / 128**2))
     assert choose_batch_size(small, 2048, "cpu", available=big) == 1
-    # the budget: 3 windows of 300 MiB fit in 1 GiB, 4 do not
-    assert choose_batch_size(Linear(300 << 20), 512, "cpu", available=big) == 3 == CPU_MEMORY_BUDGET // (300 << 20)
+    # the budget holds the model's windows and the engine's own buffers: 2 windows of 300 MiB fit in 1 GiB
+    # beside them, 3 do not (without the reserve 3 would: 900 MiB)
+    m = Linear(300 << 20)
+    assert (2 << 20) * 300 + region_reserve(m, 512, 2) <= CPU_MEMORY_BUDGET < 900 * 2**20 + region_reserve(m, 512, 3)
+    assert choose_batch_size(m, 512, "cpu", available=big) == 2
     # a quarter of the available memory
-    assert choose_batch_size(small, 512, "cpu", available=4 * (2 << 20)) == 2
+    two = 2 * (1 << 20) + region_reserve(small, 512, 2)
+    assert choose_batch_size(small, 512, "cpu", available=4 * two) == 2
+    assert choose_batch_size(small, 512, "cpu", available=4 * two - 4) == 1
     assert choose_batch_size(Linear(2 << 30), 512, "cpu", available=big) == 1  # never below 1
 
 
@@ -103,7 +109,7 @@ def test_resolve_batch_size(tmp_path: Path) -> None:
     m = Linear(300 << 20)
     out = tmp_path / "map.tif"
     big = 1 << 40
-    assert resolve_batch_size(m, 512, "cpu", out=out, available=big) == 3  # automatic: no interrupted run
+    assert resolve_batch_size(m, 512, "cpu", out=out, available=big) == 2  # automatic: no interrupted run
     assert resolve_batch_size(m, 512, "cpu", 7, out=out) == 7  # explicit
     with pytest.raises(ValueError, match="batch_size"):
         resolve_batch_size(m, 512, "cpu", 0)
@@ -113,7 +119,7 @@ def test_resolve_batch_size(tmp_path: Path) -> None:
     (parts / "manifest.json").write_text(json.dumps({"config": {"batch_size": 5}}))
     assert resumed_batch_size(out) == 5
     assert resolve_batch_size(m, 512, "cpu", out=out, available=big) == 5  # the interrupted run's batch
-    assert resolve_batch_size(m, 512, "cpu", out=None, available=big) == 3  # not resuming
+    assert resolve_batch_size(m, 512, "cpu", out=None, available=big) == 2  # not resuming
     assert resolve_batch_size(m, 512, "cpu", 2, out=out) == 2
     (parts / "manifest.json").write_text(json.dumps({"config": {"batch_size": True}}))
     assert resumed_batch_size(out) is None
@@ -121,3 +127,33 @@ def test_resolve_batch_size(tmp_path: Path) -> None:
     assert resolve_batch_size(object(), 512, "cpu", fallback=4) == 4
     with pytest.raises(TypeError, match="memory_estimate"):
         resolve_batch_size(object(), 512, "cpu")
+
+
+def test_region_reserve_follows_the_bands_and_the_batch() -> None:
+    """The engine's buffers grow with the batches in flight and the bands they carry; the raster model's bands
+    are used (a bare model without them counts 4 input bands, 1 output band)."""
+
+    class Raster:
+        in_bands, out_bands, scale = 3, 2, 1
+
+    class Many(Raster):
+        in_bands, out_bands = 13, 8
+
+    r1, r4 = region_reserve(Raster(), 512, 1), region_reserve(Raster(), 512, 4)
+    assert r4 > r1 > 200 * 2**20
+    assert region_reserve(Many(), 512, 4) - region_reserve(Many(), 512, 1) > r4 - r1
+    assert region_reserve(Linear(1), 512, 2) == region_reserve(type("P", (), {"in_bands": 4, "out_bands": 1,
+                                                                              "scale": 1})(), 512, 2)
+
+
+def test_available_memory_override_reaches_the_automatic_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DINOV3GEO_AVAILABLE_MEMORY (a share of a machine) bounds the automatic batch as the CLI's checks see it."""
+    from dinov3geo.cli._types import available_memory as cli_available
+
+    small = Linear(1 << 20)
+    two = 2 * (1 << 20) + region_reserve(small, 512, 2)
+    monkeypatch.setenv("DINOV3GEO_AVAILABLE_MEMORY", str(4 * two))
+    assert batching.available_memory("cpu") == cli_available() == 4 * two
+    assert choose_batch_size(small, 512, "cpu") == 2
+    monkeypatch.setenv("DINOV3GEO_AVAILABLE_MEMORY", str(4 * two - 4))
+    assert choose_batch_size(small, 512, "cpu") == 1

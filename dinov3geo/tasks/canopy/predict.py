@@ -18,8 +18,10 @@ Batch size (``batch_size=None``, the default): :func:`choose_batch_size` picks i
 windows (up to :data:`MAX_AUTO_BATCH`) whose estimate fits in :data:`CUDA_MEMORY_FRACTION` of the free device
 memory. On CPU, batching saves a little CPU time (up to 10 % with ViT-L, ``benchmarks/canopy_memory.py``) but
 costs memory, so windows are added up to :data:`CPU_PIXELS_PER_CALL` pixels per call (4 windows of 512 px), and
-only while the estimate stays within :data:`CPU_MEMORY_BUDGET` and a quarter of the available memory. An
-explicit ``batch_size`` is used as given; a resumed run keeps the batch size it was started with.
+only while the estimate plus the engine's own region-scale buffers
+(:func:`~dinov3geo.inference.batching.region_reserve`) stays within :data:`CPU_MEMORY_BUDGET` and a quarter of the
+available memory (ViT-L layout: 2 windows of 512 px). An explicit ``batch_size`` is used as given; a resumed run
+keeps the batch size it was started with.
 """
 
 from __future__ import annotations

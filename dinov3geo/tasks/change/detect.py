@@ -13,6 +13,12 @@ Steps:
    * ``"zeroshot"``: cosine distance of frozen DINOv3 patch features (``ZeroShotChange``),
    * ``"head"``: a trained bi-temporal change head (``load_change_model``);
 
+   the windows per model call (``batch_size=None``, the default): for a head, chosen from its
+   :meth:`~dinov3geo.tasks.change.head.ChangeModel.memory_estimate` and the memory there is
+   (:func:`~dinov3geo.inference.batching.resolve_batch_size`; measured in ``benchmarks/head_memory.py``);
+   4 for the classic scores and zero-shot distances, which have no estimate; a resumed run keeps the batch
+   size it was started with (it is part of the engine's resume fingerprint);
+
 4. threshold: the given one, else the trained head's own, else Otsu on the valid pixels;
 5. forest loss when forest information is given (:mod:`~dinov3geo.tasks.change.deforestation`), MMU;
 6. polygons with ``area_ha``, dates, confidence and height-drop statistics (:mod:`~dinov3geo.tasks.change.
@@ -69,6 +75,8 @@ import rasterio
 from rasterio.windows import Window
 
 from dinov3geo.inference import predict_raster
+from dinov3geo.inference.batching import choose_batch_size, resolve_batch_size
+from dinov3geo.inference.engine import resolve_device
 from dinov3geo.io.cog import COGWriter
 from dinov3geo.io.grid import GridSpec
 from dinov3geo.io.sidecars import sidecar_properties, write_sidecars
@@ -84,7 +92,7 @@ from dinov3geo.tasks.change.windowed import DEFAULT_TILE, PolygonBuilder, Region
 from dinov3geo.utils.atomic import atomic_path
 from dinov3geo.utils.outputs import guard_output, make_output_folder, writes_output_folder
 
-__all__ = ["METHODS", "ChangeResult", "detect_change"]
+__all__ = ["FALLBACK_BATCH_SIZE", "METHODS", "ChangeResult", "detect_change"]
 
 log = logging.getLogger(__name__)
 _GDAL_CACHE_MB = 64  # GDAL block cache while post-processing (reading the score back, writing the maps)
@@ -216,6 +224,10 @@ class _Tile:
         return self.loss.loss_raw if self.loss is not None else self.change
 
 
+#: windows per model call of the methods without a memory estimate (classic scores, zero-shot distances) when
+#: ``batch_size`` is None
+FALLBACK_BATCH_SIZE = 4
+
 #: the dinov3geo folder kind of a change-detection output folder
 CHANGE_KIND = "change"
 
@@ -268,7 +280,7 @@ def detect_change(
     misregistration_threshold_px: float = 0.5,
     polygons_name: str = "loss_polygons.gpkg",
     window: int = 512,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     device: str = "auto",
     progress: bool = True,
     post_tile: int = DEFAULT_TILE,
@@ -307,7 +319,13 @@ def detect_change(
         value_scale, mean, std, layers: normalisation / blocks for ``"zeroshot"`` (default from the backbone).
         misregistration_threshold_px: warning threshold of the residual shift.
         polygons_name: polygons file name; the suffix picks the format (``.gpkg``, ``.parquet``, ``.geojson``).
-        window, batch_size, device, progress: inference-engine settings.
+        window, device, progress: inference-engine settings (:func:`~dinov3geo.inference.predict_raster`).
+        batch_size: windows per model call. None (default): for ``method="head"`` chosen from the model's
+            :meth:`~dinov3geo.tasks.change.head.ChangeModel.memory_estimate` and the memory available
+            (:func:`~dinov3geo.inference.batching.choose_batch_size`: on CPU up to 4 x 512^2 pixels per call
+            within 1 GiB with the engine's own buffers, on CUDA what fits in half the free memory; ``benchmarks/head_memory.py`` measures it); 4
+            (:data:`FALLBACK_BATCH_SIZE`) for ``"classic"`` and ``"zeroshot"``; the batch size of the
+            interrupted run being resumed, whatever the method. An explicit positive int is used as given.
         post_tile: tile size (pixels) of the windowed post-processing; memory grows with its square (about
             100-150 MB at 2048), never with the grid. The outputs do not depend on it.
         sidecars: writes ``<product>.stac.json`` (STAC Item spanning the pair's dates, with the images, AOI,
@@ -328,6 +346,8 @@ def detect_change(
         raise ValueError("loss_evidence='height' needs canopy_before and canopy_after")
     if int(post_tile) < 1:
         raise ValueError(f"post_tile must be >= 1 pixel, got {post_tile}")
+    if batch_size is not None:  # an explicit batch size is validated before any work
+        choose_batch_size(None, window, "cpu", batch_size)
     out = Path(out_dir)  # guarded and locked (writes_output_folder); created once the model has loaded
     guard_output(out / polygons_name, _change_inputs(locals()), role="polygons_name")
     caught: list[str] = []
@@ -363,7 +383,11 @@ def detect_change(
     score_path = out / score_name
     tags = {"dinov3geo_task": "change", "date_before": pair.date_before or "", "date_after": pair.date_after or "",
             "method": method}
-    predict_raster(rmodel, src, score_path, aoi=aoi, window=window, batch_size=batch_size, device=device,
+    # the engine resumes an interrupted run into score_path: keep its batch size (part of the fingerprint)
+    batch = resolve_batch_size(rmodel, window, resolve_device(device), batch_size, out=score_path,
+                               fallback=FALLBACK_BATCH_SIZE)
+    log.info("change scores (%s): window %d px, batch size %d", method, window, batch)
+    predict_raster(rmodel, src, score_path, aoi=aoi, window=window, batch_size=batch, device=device,
                    progress=progress, tags=tags)
     lap("model")
     paths["change_score" if method == "classic" else "change_prob"] = score_path

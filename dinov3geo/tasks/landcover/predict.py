@@ -17,6 +17,15 @@
    **percent** (0..100; 255 = no data). (A uint8 band keeps the file one data type; 1 % steps are finer than
    any calibration these probabilities have.)
 
+Batch size (``batch_size=None``, the default): the windows per model call are chosen from the model's
+:meth:`~dinov3geo.tasks.landcover.heads.LandcoverModel.memory_estimate` and the memory there is
+(:func:`~dinov3geo.inference.batching.resolve_batch_size`; measured in ``benchmarks/head_memory.py``): on
+CUDA the most windows whose estimate fits in half the free device memory; on CPU up to 4 x 512^2 pixels per
+call (4 windows of 512 px), within 1 GiB with the engine's own buffers and a quarter of the available
+memory. An explicit ``batch_size``
+is used as given; a resumed run keeps the batch size it was started with (it is part of the engine's resume
+fingerprint).
+
 Bands: the model records the band names it was trained on (and, when those came from positions or renamed
 bands, the selection keys and the band names of the training image). The image's bands are chosen by name
 when it has them all; else by the training selection when the image has the same band layout as the
@@ -41,6 +50,7 @@ from rasterio.windows import Window
 from torch import Tensor
 
 from dinov3geo.inference import predict_raster
+from dinov3geo.inference.batching import choose_batch_size, resolve_batch_size
 from dinov3geo.inference.models import RasterModel, _Normalise
 from dinov3geo.io.sources import open_scene
 from dinov3geo.models.taps import edge_margin, inference_alignment
@@ -52,10 +62,13 @@ from dinov3geo.utils.outputs import guard_output
 
 log = logging.getLogger("dinov3geo.landcover")
 
-__all__ = ["BandMismatchError", "JOB_TAG", "LandcoverRasterModel", "predict_landcover", "select_bands"]
+__all__ = ["FALLBACK_BATCH_SIZE", "BandMismatchError", "JOB_TAG", "LandcoverRasterModel", "predict_landcover",
+           "select_bands"]
 
 #: tag of the probability COG identifying the job that wrote it
 JOB_TAG = "DINOV3GEO_JOB"
+#: windows per model call when ``batch_size`` is None and the model has no memory estimate
+FALLBACK_BATCH_SIZE = 4
 
 
 class BandMismatchError(ValueError):
@@ -184,7 +197,7 @@ def predict_landcover(
     assume_crs: Any = None,
     window: int = 512,
     overlap: int | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     device: str = "auto",
     amp: str | bool | None = "auto",
     grid: Any = None,
@@ -205,8 +218,11 @@ def predict_landcover(
         probabilities: also keep the blended class probabilities (float32 COG, one band per class) here.
         bands: input bands (names or 1-based positions) in the model's order; default: chosen as described.
         assume_crs: CRS of an image that declares none.
-        window, overlap, batch_size, device, amp, resume, progress, engine_kwargs: see
+        window, overlap, device, amp, resume, progress, engine_kwargs: see
             :func:`~dinov3geo.inference.predict_raster`.
+        batch_size: windows per model call; None (default): chosen from the model's memory estimate and the
+            memory available, or the batch size of the interrupted run being resumed (see the module docstring;
+            ``benchmarks/head_memory.py``).
         grid: read the image on this grid (the map comes out on it).
         resample_to_model_gsd: read the image at the model's training GSD when its pixels differ from it by
             more than 10 % (the map then comes out at that GSD, as the model was trained; average when
@@ -228,6 +244,8 @@ def predict_landcover(
     o = guard_output(out, protect, role="--out")
     guard_output(Path(f"{o}.aux.xml"), protect, role="--out")
     guard_output(o.with_suffix(".qml"), protect, role="--out")
+    if batch_size is not None:  # an explicit batch size is validated before any work
+        choose_batch_size(None, window, "cpu", batch_size)
     keep = probabilities is not None
     probs = Path(probabilities).expanduser().absolute() if keep else o.with_name(f".{o.name}.probabilities.tif")
     if keep:
@@ -263,7 +281,10 @@ def predict_landcover(
             chosen = None
         job = _job_key(rm, image, chosen, aoi, window, overlap, grid)
         if not (resume and probs.exists() and _job_of(probs) == job):
-            predict_raster(rm, src, probs, window=window, overlap=overlap, batch_size=batch_size,
+            # the engine resumes an interrupted run into probs: keep its batch size (part of the fingerprint)
+            batch = resolve_batch_size(rm, window, dev, batch_size, out=probs if resume else None,
+                                       fallback=FALLBACK_BATCH_SIZE)
+            predict_raster(rm, src, probs, window=window, overlap=overlap, batch_size=batch,
                            bands=chosen if not isinstance(image, str | os.PathLike) else None, aoi=aoi,
                            out_grid=grid, device=dev, amp=amp, resume=resume, progress=progress,
                            protect=[*protect, o], tags={JOB_TAG: job, "PRODUCT": "land-cover class probabilities"},

@@ -23,16 +23,16 @@ to full resolution:
 3. **Runs**, each in a fresh process: load the model (``load_change_model`` / ``LandcoverRasterModel
    .from_checkpoint``), reset the peak-RSS mark (``/proc/self/clear_refs``), then the task's region call:
    ``detect_change(method="head")`` (coregistration, the engine, thresholding, regions, polygons, summary) or
-   ``predict_landcover(image_detail dense head)`` (probabilities through the engine, then the class map), window
+   ``predict_landcover(image_detail dense head)`` (probabilities through the engine into an intermediate file,
+   then the class map; ``--keep-probabilities``: also kept as a COG with overviews, as ``--probabilities`` does), window
    ``--window``. Measured: wall time, the engine's part of it (``engine s``: the model over all windows and the
    blended probability COG; the rest is coregistration and post-processing, or the class map), throughput
    (image px / s), user and system CPU time and minor page faults of the process during the call, and the
    **peak RSS growth** over the RSS after imports and model load. At the
    **defaults** and at every ``--batches`` size. The defaults (column ``run``: ``defaults (auto)``) are the
    automatic batch, :func:`dinov3geo.inference.batching.choose_batch_size` from the model's
-   ``memory_estimate`` (what ``batch_size=None`` does; chosen here and passed explicitly while the task's
-   signature still defaults to a fixed number), or, for models without an estimate (the code before issue 21's
-   last bullet), the signature's fixed default (``defaults (fixed)``: 4). With ``--big`` the defaults also run
+   ``memory_estimate`` and the engine's own buffers (what ``batch_size=None`` does), or, for models without an
+   estimate (the code before issue 21's last bullet), the signature's fixed default (``defaults (fixed)``: 4). With ``--big`` the defaults also run
    on the big image for each of ``--big-models``.
    A random-weight change head gives salt-and-pepper probabilities around 0.5 (1-99 % quantiles 0.35-0.66 on the
    1024^2 pair): at its own threshold (0.5) half the pixels are "change", in ~376,000 regions at 4096^2, and the
@@ -202,7 +202,7 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
         engine_s = res.timings.get("model")
     else:
         stats: dict[str, Any] = {}
-        predict_landcover(rm, spec["image"], spec["out"], probabilities=spec["probs"], resume=False, stats=stats,
+        predict_landcover(rm, spec["image"], spec["out"], probabilities=spec.get("probs"), resume=False, stats=stats,
                           sidecars=False, **kw)
         engine_s = stats.get("seconds")
     wall = time.perf_counter() - t0
@@ -246,6 +246,9 @@ def main() -> None:
     ap.add_argument("--big-size", type=int, default=4096)
     ap.add_argument("--big-models", nargs="+", default=["tiny"], choices=["tiny", "vitl"],
                     help="models run on the big image (ViT-L at 4096^2 takes hours on 2 cores)")
+    ap.add_argument("--keep-probabilities", action="store_true",
+                    help="land cover: also keep the class probabilities (a COG with overviews; compared across runs) "
+                    "instead of the default intermediate file (the class maps are compared)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--workdir", default="/tmp/dinov3geo-head-memory")
     ap.add_argument("--json", default=None, help="write every number here")
@@ -293,13 +296,14 @@ def main() -> None:
                 spec.update(after=str(afters[c["size"]]), out=str(out), threshold=args.threshold)
             else:
                 out = work / f"classes_{i}.tif"
-                spec.update(out=str(out), probs=str(work / f"probs_{i}.tif"))
+                spec.update(out=str(out), probs=str(work / f"probs_{i}.tif") if args.keep_probabilities else None)
             try:
                 r = run_child(HERE, spec)
             except RuntimeError as e:  # one failed run does not lose the others
                 log(f"[{rep + 1}/{args.repeats}] {c['task']} {c['model']} {c['size']}^2 {c['label']} FAILED: {e}")
                 continue
-            os.replace(out / "change_prob.tif" if c["task"] == "change" else work / f"probs_{i}.tif", keep)
+            os.replace(out / "change_prob.tif" if c["task"] == "change"
+                       else work / f"probs_{i}.tif" if args.keep_probabilities else out, keep)
             if c["task"] == "change":
                 shutil.rmtree(out, ignore_errors=True)
             r["out"] = str(keep)

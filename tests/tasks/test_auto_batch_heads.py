@@ -193,6 +193,34 @@ def test_landcover_batch_is_chosen_by_memory(shared_data: Path, tmp_path: Path,
     assert _digest(image) == before
 
 
+def test_landcover_intermediate_probabilities_give_the_same_map(shared_data: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``probabilities`` the class probabilities go to a hidden intermediate file written in one pass
+    (no overviews, no COG conversion, ZSTD level 1; issue 21: the kept COG's overviews and conversion were most of
+    the engine's system time for a small model); the map is the same as with the probabilities kept, and the
+    intermediate file is gone afterwards."""
+    import dinov3geo.tasks.landcover.predict as lc
+
+    image = shared_data / CHIAPAS
+    rm = _landcover_model()
+    seen: list[dict[str, Any]] = []
+    real = lc.predict_raster
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        seen.append({k: kw.get(k) for k in ("overviews", "compress", "compress_level")})
+        return real(*args, **kw)
+
+    monkeypatch.setattr(lc, "predict_raster", spy)
+    kept = _landcover(image, tmp_path / "kept.tif", rm, probabilities=tmp_path / "kept_p.tif", confidence=True)
+    default = _landcover(image, tmp_path / "default.tif", rm, confidence=True)
+    assert seen == [{"overviews": None, "compress": None, "compress_level": None},
+                    {"overviews": False, "compress": "zstd", "compress_level": 1}]
+    _same(kept, default)
+    assert not list(tmp_path.glob(".default.tif.probabilities*"))
+    with rasterio.open(tmp_path / "kept_p.tif") as ds:  # the kept probabilities stay a COG with overviews
+        assert ds.overviews(1) or max(ds.width, ds.height) <= 512
+
+
 # ---------------------------------------------------------------------------------------------- (iii) no estimate
 @pytest.mark.parametrize("method", ["classic", "zeroshot"])
 def test_methods_without_an_estimate_keep_batch_4(method: str, pair: tuple[Path, Path], tmp_path: Path,

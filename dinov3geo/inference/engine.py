@@ -956,8 +956,9 @@ def region_buffer_bytes(model: RasterModel, window: int, batch_size: int) -> int
 #: Block side (input pixels) of the automatic block size, for outputs whose accumulators fit :data:`BLOCK_BYTES`.
 DEFAULT_BLOCK_SIZE = 2048
 #: The automatic block size keeps one block's accumulators (``(out_bands + 1) x extent^2`` float32) within this
-#: many bytes: 2048 px blocks for canopy maps (2 bands), 1024 px for 8-class land-cover probabilities (measured,
-#: ``benchmarks/head_memory.py``: a 4096^2 land-cover run's peak RSS growth 0.9 -> 0.57 GiB with the tiny model).
+#: many bytes: 2048 px blocks for canopy maps (2 bands), 1024 px for 8-class land-cover probabilities (measured
+#: with the engine alone, ``benchmarks/region_buffers.py``, 4096^2 x 8 bands: peak RSS growth 743-748 MiB with 2048 px
+#: blocks, 498-540 MiB with 1024 px).
 BLOCK_BYTES = 64 * 2**20
 
 

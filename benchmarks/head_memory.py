@@ -31,8 +31,7 @@ to full resolution:
    **peak RSS growth** over the RSS after imports and model load. At the
    **defaults** and at every ``--batches`` size. The defaults (column ``run``: ``defaults (auto)``) are the
    automatic batch, :func:`dinov3geo.inference.batching.choose_batch_size` from the model's
-   ``memory_estimate`` and the engine's own buffers (what ``batch_size=None`` does), or, for models without an
-   estimate (the code before issue 21's last bullet), the signature's fixed default (``defaults (fixed)``: 4). With ``--big`` the defaults also run
+   ``memory_estimate`` and the engine's own buffers (what ``batch_size=None`` does). With ``--big`` the defaults also run
    on the big image for each of ``--big-models``.
    A random-weight change head gives salt-and-pepper probabilities around 0.5 (1-99 % quantiles 0.35-0.66 on the
    1024^2 pair): at its own threshold (0.5) half the pixels are "change", in ~376,000 regions at 4096^2, and the
@@ -55,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import os
 import resource
 import shutil
@@ -149,24 +147,14 @@ def make_model(work: Path, task: str, name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- child
-def _api_default(fn: Any) -> Any:
-    return inspect.signature(inspect.unwrap(fn)).parameters["batch_size"].default
+def _resolved_batch(rm: Any, window: int, batch: int | None) -> tuple[int, float, str]:
+    """The batch a run uses, the model's memory estimate for it (MiB) and where it came from: ``auto`` (what the
+    task's ``batch_size=None`` chooses: :func:`dinov3geo.inference.batching.choose_batch_size`) or ``explicit``."""
+    from dinov3geo.inference.batching import choose_batch_size, memory_estimator
 
-
-def _resolved_batch(rm: Any, window: int, batch: int | None, api_default: Any) -> tuple[int, float | None, str]:
-    """The batch a run uses, the model's memory estimate for it (MiB; None without ``memory_estimate``) and
-    where the default came from: ``auto`` (:func:`dinov3geo.inference.batching.choose_batch_size`, what
-    ``batch_size=None`` does; also used when the model has a memory estimate but the task's signature still has
-    a fixed default), ``fixed`` (the signature's default, for models without an estimate) or ``explicit``."""
-    estimate_of = getattr(rm.model, "memory_estimate", None)
-    source = "explicit"
-    if batch is None and (api_default is None or estimate_of is not None):
-        from dinov3geo.inference.batching import choose_batch_size
-
-        batch, source = choose_batch_size(rm, window, "cpu"), "auto"
-    elif batch is None:
-        batch, source = int(api_default), "fixed"
-    return int(batch), (estimate_of(window, batch) / 2**20 if estimate_of is not None else None), source
+    source = "explicit" if batch is not None else "auto"
+    used = choose_batch_size(rm, window, "cpu", batch)
+    return used, memory_estimator(rm)(window, used) / 2**20, source
 
 
 def child_run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -180,21 +168,18 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
         from dinov3geo.tasks.change.head import load_change_model
 
         rm = load_change_model(spec["model"])
-        fn: Any = detect_change
     else:
         from dinov3geo.tasks.landcover.predict import LandcoverRasterModel, predict_landcover
 
         rm, _ = LandcoverRasterModel.from_checkpoint(spec["model"])
-        fn = predict_landcover
-    api_default = _api_default(fn)
-    used, estimate, source = _resolved_batch(rm, window, batch, api_default)
+    used, estimate, source = _resolved_batch(rm, window, batch)
     gc.collect()
     base = current_rss_mib()
     reset = _reset_peak()
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     kw: dict[str, Any] = {"window": window, "device": "cpu", "progress": False}
-    if not (source == "auto" and api_default is None):  # else the API chooses the same batch itself
+    if source == "explicit":  # else the task chooses the same batch itself (batch_size=None)
         kw["batch_size"] = used
     if spec["task"] == "change":
         res = detect_change(spec["image"], spec["after"], spec["out"], method="head", model=rm, sidecars=False,
@@ -215,7 +200,7 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
         "wall_s": wall, "user_s": ru1.ru_utime - ru0.ru_utime, "sys_s": ru1.ru_stime - ru0.ru_stime,
         "minflt": ru1.ru_minflt - ru0.ru_minflt, "base_rss_mib": base, "growth_mib": hwm - base,
         "peak_reset": reset, "px_per_s": pixels / wall, "engine_s": engine_s, "batch": used, "estimate_mib": estimate,
-        "api_default": api_default, "default_source": source, "torch_threads": torch.get_num_threads(), "load1": os.getloadavg()[0],
+        "default_source": source, "torch_threads": torch.get_num_threads(), "load1": os.getloadavg()[0],
     }
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "MAX_AUTO_BATCH",
     "available_memory",
     "backbone_window_elements",
+    "check_batch_size",
     "choose_batch_size",
     "memory_estimator",
     "region_reserve",
@@ -53,8 +54,8 @@ log = logging.getLogger("dinov3geo.inference")
 #: on 2 cores with canopy mapping (``benchmarks/canopy_memory.py``, 1024^2 NEON crop, window 512): batches of 2
 #: and 4 took 9-10 % less CPU time than single windows with the ViT-L layout and 2-4 % less with a tiny one.
 CPU_PIXELS_PER_CALL = 4 * 512 * 512
-#: CPU: working memory (bytes, by the model's ``memory_estimate``) a default batch may take (issue 21's goal:
-#: at most 1 GiB of peak RSS growth at the defaults with ViT-L backbones).
+#: CPU: memory (bytes) a default batch may take: the model's ``memory_estimate`` plus the engine's own buffers
+#: (:func:`region_reserve`) (issue 21's goal: at most 1 GiB of peak RSS growth at the defaults with ViT-L backbones).
 CPU_MEMORY_BUDGET = 1 << 30
 #: CUDA: share of the free device memory a default batch may take (the rest: allocator slack, engine buffers).
 CUDA_MEMORY_FRACTION = 0.5
@@ -96,6 +97,17 @@ def memory_estimator(model: Any) -> Callable[[int, int], int]:
     raise TypeError(f"{type(model).__name__} has no memory_estimate(window, batch): give an explicit batch size")
 
 
+def check_batch_size(batch_size: int | None) -> int | None:
+    """``batch_size`` unchanged when it is a positive int or None (automatic), checked before any work.
+
+    Raises:
+        ValueError: anything else (0, negative, float, bool, str).
+    """
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None (automatic), got {batch_size!r}")
+    return batch_size
+
+
 def choose_batch_size(
     model: Any,
     window: int,
@@ -125,9 +137,7 @@ def choose_batch_size(
         TypeError: ``batch_size`` is None and the model has no memory estimate.
     """
     if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int or None (automatic), got {batch_size!r}")
-        return batch_size
+        return check_batch_size(batch_size)
     if window < 1:
         raise ValueError(f"window must be positive, got {window}")
     estimate = memory_estimator(model)
@@ -151,17 +161,14 @@ def choose_batch_size(
 
 
 def region_reserve(model: Any, window: int, batch: int) -> int:
-    """Host memory (bytes) the inference engine's own buffers take beside a model of ``batch`` windows on CPU
-    (:func:`dinov3geo.inference.engine.region_buffer_bytes` of the raster model, or of a task model's bands:
-    ``in_bands`` / ``out_bands`` / ``scale`` where it declares them, else 4 input bands, 1 output band, scale 1).
+    """Host memory (bytes) the inference engine's own buffers take beside a model of ``batch`` windows on CPU:
+    :func:`dinov3geo.inference.engine.region_buffer_bytes` with the model's ``in_bands`` / ``out_bands`` /
+    ``scale`` where it declares them (a raster model does), else 4 input bands, 1 output band, scale 1.
     """
-    from types import SimpleNamespace
-
     from dinov3geo.inference.engine import region_buffer_bytes
 
-    proxy = SimpleNamespace(in_bands=getattr(model, "in_bands", None) or 4,
-                            out_bands=getattr(model, "out_bands", None) or 1, scale=getattr(model, "scale", None) or 1)
-    return region_buffer_bytes(proxy, window, batch)  # type: ignore[arg-type]
+    return region_buffer_bytes(window, batch, in_bands=getattr(model, "in_bands", None) or 4,
+                               out_bands=getattr(model, "out_bands", None) or 1, scale=getattr(model, "scale", None) or 1)
 
 
 def resumed_batch_size(out: str | os.PathLike[str]) -> int | None:

@@ -935,19 +935,18 @@ def _read_threads(requested: int | None, device: torch.device) -> int:
 _QUEUE_BATCHES = 3  # batches waiting between reader and model, and between model and writer
 
 
-def region_buffer_bytes(model: RasterModel, window: int, batch_size: int) -> int:
+def region_buffer_bytes(window: int, batch_size: int, *, in_bands: int = 4, out_bands: int = 1,
+                        scale: int = 1) -> int:
     """Most host memory (bytes) the engine's own buffers take on CPU beside the model's working memory: the input
     tile cache and the strip being assembled, one block's accumulators (automatic block size), a strip of a tile
     being written, GDAL's block cache, and the batches in flight (queued inputs and outputs, the one in the model
-    and the one being accumulated), inputs counted as float32 (``model.in_bands``, 4 bands when it takes any).
+    and the one being accumulated), inputs counted as float32.
 
     An upper bound for the default settings, used by :func:`dinov3geo.inference.batching.choose_batch_size` to
     keep a default run's peak RSS growth within its budget at region scale (``benchmarks/canopy_memory.py``:
     the model's estimate alone left a ViT-L 4096^2 canopy run 85 MiB over 1 GiB).
     """
-    in_bands = int(model.in_bands) if model.in_bands else 4
-    scale = max(1, int(model.scale))
-    per_window = 4 * (in_bands * window * window + int(model.out_bands) * (window // scale) ** 2)
+    per_window = 4 * (int(in_bands) * window * window + int(out_bands) * (window // max(1, int(scale))) ** 2)
     fixed = (3 * _STRIP_BYTES // 2 + _STRIP_BYTES + BLOCK_BYTES + 4 * _TileWriter.STRIP_ELEMENTS
              + 32 * 2**20)  # tile cache, strip, accumulators, tile strip, GDAL cache (the default's least)
     return int(fixed + (2 * _QUEUE_BATCHES + 2) * int(batch_size) * per_window)

@@ -8,7 +8,7 @@ from dinov3geo.models.layers.layer_scale import LayerScale
 from dinov3geo.models.layers.norm import NORM_LAYERS, RMSNorm, make_norm_layer
 from dinov3geo.models.layers.patch_embed import PatchEmbed
 from dinov3geo.models.layers.rope import RopePositionEmbedding, rope_apply, rope_rotate_half
-from dinov3geo.models.layers.utils import cat_keep_shapes, named_apply, uncat_with_shapes
+from dinov3geo.models.layers.utils import cat_keep_shapes, named_apply, per_sample, uncat_with_shapes
 
 __all__ = [
     "FFN_LAYERS",
@@ -27,6 +27,7 @@ __all__ = [
     "make_ffn_layer",
     "make_norm_layer",
     "named_apply",
+    "per_sample",
     "rope_apply",
     "rope_rotate_half",
     "subset_size",

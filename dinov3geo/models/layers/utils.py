@@ -44,3 +44,24 @@ def named_apply(
     if depth_first and include_root:
         fn(module=module, name=name)
     return module
+
+
+def per_sample(fn: Callable[..., Tensor], x: Tensor, *extras: Tensor | None) -> Tensor:
+    """``fn(x, *extras)`` computed one sample at a time and stacked: the same result as the batched call for
+    layers that treat samples independently (convolutions, GroupNorm), with only one sample's intermediate
+    maps alive at a time (heads that upsample to full resolution, at inference). ``extras`` are batch-aligned
+    tensors or None (passed as None). A batch of one, or a call that records gradients, runs as one call.
+    """
+    n = x.shape[0]
+    if n == 1 or x.requires_grad:
+        return fn(x, *extras)
+
+    def one(i: int) -> Tensor:
+        return fn(x[i : i + 1], *(None if e is None else e[i : i + 1] for e in extras))
+
+    first = one(0)
+    out = first.new_empty((n, *first.shape[1:]))
+    out[:1] = first
+    for i in range(1, n):
+        out[i : i + 1] = one(i)
+    return out

@@ -41,7 +41,6 @@ from dinov3geo.inference.batching import (
     available_memory,
     choose_batch_size,
     resolve_batch_size,
-    resumed_batch_size,
 )
 from dinov3geo.inference.sources import RasterSource
 from dinov3geo.io.grid import GridSpec
@@ -65,13 +64,11 @@ __all__ = [
 #: CPU: windows are added to a call while it holds fewer pixels than this (4 windows of 512^2 px). Measured
 #: with the fused readout on 2 cores (``benchmarks/canopy_memory.py``, 1024^2 NEON crop, window 512): batches of
 #: 2 and 4 took 9-10 % less CPU time than single windows with the ViT-L layout (143-145 s vs 159-166 s) and
-#: 2-4 % less with the tiny one, for 150-200 MiB more peak RSS with ViT-L. CPU_MEMORY_BUDGET: 4 windows of 512^2
-#: px with the ViT-L layout (estimate 758 MiB, measured peak RSS growth 773 MiB). These constants, and
+#: 2-4 % less with the tiny one, for 150-200 MiB more peak RSS with ViT-L (later measurements: batch sizes equal
+#: within noise). CPU_MEMORY_BUDGET holds the model's estimate and the engine's own buffers: 2 windows of 512^2 px
+#: with the ViT-L layout (539 + 352 MiB; measured peak RSS growth 884 MiB at 4096^2). These constants, and
 #: :func:`available_memory` / :func:`choose_batch_size`, live in :mod:`dinov3geo.inference.batching` (shared
 #: with change detection and land cover) and are re-exported here.
-
-
-_resumed_batch_size = resumed_batch_size  # (the name canopy callers and tests used)
 
 
 def canopy_raster_model(

@@ -75,7 +75,7 @@ import rasterio
 from rasterio.windows import Window
 
 from dinov3geo.inference import predict_raster
-from dinov3geo.inference.batching import choose_batch_size, resolve_batch_size
+from dinov3geo.inference.batching import check_batch_size, resolve_batch_size
 from dinov3geo.inference.engine import resolve_device
 from dinov3geo.io.cog import COGWriter
 from dinov3geo.io.grid import GridSpec
@@ -346,8 +346,7 @@ def detect_change(
         raise ValueError("loss_evidence='height' needs canopy_before and canopy_after")
     if int(post_tile) < 1:
         raise ValueError(f"post_tile must be >= 1 pixel, got {post_tile}")
-    if batch_size is not None:  # an explicit batch size is validated before any work
-        choose_batch_size(None, window, "cpu", batch_size)
+    check_batch_size(batch_size)  # before any work
     out = Path(out_dir)  # guarded and locked (writes_output_folder); created once the model has loaded
     guard_output(out / polygons_name, _change_inputs(locals()), role="polygons_name")
     caught: list[str] = []

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from dinov3geo.inference.models import RasterModel, _Normalise
+from dinov3geo.models.layers import per_sample
 from dinov3geo.models.taps import edge_margin, inference_alignment, is_convnext, tap_widths
 from dinov3geo.tasks.change.zeroshot import _stride, date_features, pad_to, per_date_stats, resolve_layers
 
@@ -125,23 +126,16 @@ class ChangeHead(nn.Module):
             raise ValueError("this head has a detail branch: pass the two dates x1, x2")
         fused = [m(torch.cat([a, b, (a - b).abs()], dim=1)) for m, a, b in zip(self.fuse, f1, f2, strict=True)]
         y = self.mix(torch.cat(fused, dim=1))
-        n = y.shape[0]
-        if not self.per_sample or y.requires_grad or n == 1:
-            return self._full_resolution(y, x1, x2)
-        first = self._full_resolution(y[:1], None if x1 is None else x1[:1], None if x2 is None else x2[:1])
-        out = first.new_empty((n, *first.shape[1:]))
-        out[:1] = first
-        for i in range(1, n):
-            out[i : i + 1] = self._full_resolution(y[i : i + 1], None if x1 is None else x1[i : i + 1],
-                                                   None if x2 is None else x2[i : i + 1])
-        return out
+        if self.per_sample:
+            return per_sample(self._full_resolution, y, x1, x2)
+        return self._full_resolution(y, x1, x2)
 
     def _full_resolution(self, y: Tensor, x1: Tensor | None, x2: Tensor | None) -> Tensor:
-        """Upsampling stages, detail branch and output conv: mixed patch-grid maps -> logits."""
+        """Upsampling stages, detail branch and output conv: mixed patch-grid maps -> logits (``x1``, ``x2``
+        checked by :meth:`forward`)."""
         y = self.up(y)
         if self.detail is not None:
-            if x1 is None or x2 is None:
-                raise ValueError("this head has a detail branch: pass the two dates x1, x2")
+            assert x1 is not None and x2 is not None
             y = torch.cat([y, self.detail(torch.cat([x1, x2, (x1 - x2).abs()], dim=1))], dim=1)
         return self.out(y)
 

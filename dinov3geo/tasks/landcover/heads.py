@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinov3geo.models import CheckpointError, load_backbone, read_checkpoint
+from dinov3geo.models.layers import per_sample
 from dinov3geo.models.padding import pad_to_patch_multiple
 from dinov3geo.models.registry import config_from_dict
 from dinov3geo.models.taps import input_multiple
@@ -197,22 +198,16 @@ class DenseHead(nn.Module):
             up = (x.shape[-2] * self.patch_size, x.shape[-1] * self.patch_size)
             if tuple(image.shape[-2:]) != up:
                 raise ValueError(f"image {tuple(image.shape[-2:])} does not match the upsampled grid {up}")
-        n = x.shape[0]
-        if not self.per_sample or x.requires_grad or n == 1:
-            return self._full_resolution(x, image)
-        first = self._full_resolution(x[:1], None if image is None else image[:1])
-        out = first.new_empty((n, *first.shape[1:]))
-        out[:1] = first
-        for i in range(1, n):
-            out[i : i + 1] = self._full_resolution(x[i : i + 1], None if image is None else image[i : i + 1])
-        return out
+        if self.per_sample:
+            return per_sample(self._full_resolution, x, image)
+        return self._full_resolution(x, image)
 
     def _full_resolution(self, x: Tensor, image: Tensor | None) -> Tensor:
-        """Upsampling stages, image branch and classifier: projected patch-grid maps -> logits."""
+        """Upsampling stages, image branch and classifier: projected patch-grid maps -> logits (``image`` checked
+        by :meth:`forward`)."""
         x = self.upsample(x)
         if self.image_detail:
-            if image is None:
-                raise ValueError("this dense head uses the image (image_detail=True): pass it")
+            assert image is not None
             x = self.fuse(torch.cat([x, self.detail(image.to(x.dtype))], dim=1))
         return self.classifier(x)
 

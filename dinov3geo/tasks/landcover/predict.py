@@ -50,7 +50,7 @@ from rasterio.windows import Window
 from torch import Tensor
 
 from dinov3geo.inference import predict_raster
-from dinov3geo.inference.batching import choose_batch_size, resolve_batch_size
+from dinov3geo.inference.batching import check_batch_size, resolve_batch_size
 from dinov3geo.inference.models import RasterModel, _Normalise
 from dinov3geo.io.sources import open_scene
 from dinov3geo.models.taps import edge_margin, inference_alignment
@@ -244,8 +244,7 @@ def predict_landcover(
     o = guard_output(out, protect, role="--out")
     guard_output(Path(f"{o}.aux.xml"), protect, role="--out")
     guard_output(o.with_suffix(".qml"), protect, role="--out")
-    if batch_size is not None:  # an explicit batch size is validated before any work
-        choose_batch_size(None, window, "cpu", batch_size)
+    check_batch_size(batch_size)  # before any work
     keep = probabilities is not None
     probs = Path(probabilities).expanduser().absolute() if keep else o.with_name(f".{o.name}.probabilities.tif")
     if keep:

@@ -18,7 +18,7 @@ import rasterio
 import torch
 import torch.nn.functional as F
 
-from dinov3geo.inference.batching import CPU_MEMORY_BUDGET, region_reserve
+from dinov3geo.inference.batching import CPU_MEMORY_BUDGET, region_reserve, resumed_batch_size
 from dinov3geo.models import build_backbone
 from dinov3geo.tasks.canopy.bins import HeightBins, chunk_bytes_for, chunk_rows
 from dinov3geo.tasks.canopy.chmv2 import CHMv2
@@ -28,7 +28,6 @@ from dinov3geo.tasks.canopy.model import CanopyHeightModel, CanopyRasterModel
 from dinov3geo.tasks.canopy.predict import (
     CPU_PIXELS_PER_CALL,
     MAX_AUTO_BATCH,
-    _resumed_batch_size,
     choose_batch_size,
     predict_canopy,
 )
@@ -325,13 +324,13 @@ def test_resumed_run_keeps_its_batch_size(tmp_path: Path) -> None:
     from dinov3geo.inference.engine import parts_dir
 
     out = tmp_path / "map.tif"
-    assert _resumed_batch_size(out) is None
+    assert resumed_batch_size(out) is None
     parts = parts_dir(out)
     parts.mkdir()
     (parts / "manifest.json").write_text(json.dumps({"config": {"batch_size": 3}}))
-    assert _resumed_batch_size(out) == 3
+    assert resumed_batch_size(out) == 3
     (parts / "manifest.json").write_text("{not json")
-    assert _resumed_batch_size(out) is None
+    assert resumed_batch_size(out) is None
 
 
 def test_half_precision_logits_read_out_in_float32() -> None:

@@ -734,29 +734,65 @@ def write_collection(
 
 
 # ---------------------------------------------------------------------------------------- validation
+def _bundled_extension_schema(uri: str) -> dict[str, Any] | None:
+    """The extension schema that pystac (>= 1.16, its ``pystac-ext-*`` packages) ships for ``uri``, if any.
+
+    pystac keeps ``https://stac-extensions.github.io/<name>/<version>/schema.json`` as
+    ``pystac/extensions/json-schema/<name>/<version>.json``; older pystac ships none (None).
+    """
+    import importlib.resources
+
+    parts = uri.split("/")
+    if len(parts) < 3 or parts[-1] != "schema.json":
+        return None
+    name, version = parts[-3], parts[-2]
+    try:
+        f = importlib.resources.files("pystac.extensions").joinpath("json-schema", name, f"{version}.json")
+        if not f.is_file():
+            return None
+        s = json.loads(f.read_text(encoding="utf-8"))
+    except (ModuleNotFoundError, OSError, ValueError):
+        return None
+    return s if isinstance(s, dict) and str(s.get("$id", "")).split("#", 1)[0] == uri else None
+
+
 def offline_validator(schema_dir: str | os.PathLike[str]) -> Any:
     """A pystac validator that reads every schema locally and never fetches one.
 
-    The STAC core schemas come from pystac's package data; extension schemas from ``schema_dir``, laid out as
-    their published URL path (``projection/v2.0.0/schema.json`` for
-    ``https://stac-extensions.github.io/projection/v2.0.0/schema.json``). Use it with
-    ``pystac.validation.set_validator`` or :func:`validate_file`. A schema that is not available locally makes
+    The STAC core schemas come from pystac's package data. An extension schema comes from ``schema_dir``, laid
+    out as its published URL path (``projection/v2.0.0/schema.json`` for
+    ``https://stac-extensions.github.io/projection/v2.0.0/schema.json``), else from the copy that pystac
+    ships (pystac >= 1.16); ``schema_dir`` wins where both have it, whatever the pystac version. Use it with
+    ``pystac.validation.set_validator`` or :func:`validate_file`. A schema found in neither place makes
     validation fail with ``GetSchemaError`` naming it (nothing is downloaded).
     """
+    import pystac.utils
     from pystac.validation.stac_validator import GetSchemaError, JsonSchemaSTACValidator
 
     root = Path(schema_dir)
     prefix = "https://stac-extensions.github.io/"
 
     class _Offline(JsonSchemaSTACValidator):
+        def validate_extension(self, stac_dict: dict[str, Any], stac_object_type: Any, stac_version: str,
+                               extension_id: str, href: str | None = None) -> str | None:
+            # pystac >= 1.16 fills its cache from its own extension schemas here, before ours is asked: look
+            # them up in _get_schema instead, so that schema_dir comes first on every pystac version.
+            uri = pystac.utils.make_absolute_href(extension_id, href)
+            self._validate_from_uri(stac_dict, stac_object_type, uri, href)
+            return uri
+
         def _get_schema(self, schema_uri: str) -> dict[str, Any]:
             uri = schema_uri.split("#", 1)[0]
             if uri not in self.schema_cache:
                 local = root / uri[len(prefix):] if uri.startswith(prefix) else None
-                if local is None or not local.is_file():
-                    raise GetSchemaError(schema_uri, FileNotFoundError(
-                        f"not available offline (looked for {local}); add the published schema there"))
-                s = json.loads(local.read_text(encoding="utf-8"))
+                if local is not None and local.is_file():
+                    s = json.loads(local.read_text(encoding="utf-8"))
+                else:
+                    s = _bundled_extension_schema(uri) if uri.startswith(prefix) else None
+                    if s is None:
+                        raise GetSchemaError(schema_uri, FileNotFoundError(
+                            f"not available offline (looked for {local} and in pystac's own extension schemas); "
+                            "add the published schema there"))
                 self.schema_cache[uri] = s
             return self.schema_cache[uri]
 

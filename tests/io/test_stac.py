@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -161,10 +162,29 @@ def test_validation_is_strict_and_never_downloads(canopy_map: Path, tmp_path: Pa
     p = json.loads(describe_product(plain).read_text())
     assert p["geometry"] is None and "bbox" not in p and "proj:code" not in p["properties"]
     assert validate_file(item_path(plain), SCHEMAS)[0] == CORE_ITEM
+    # a schema found neither in the folder nor among pystac's own extension schemas fails, never downloaded
+    # (the _no_network fixture turns a fetch into an AssertionError, which the match below would reject)
+    unknown = "https://stac-extensions.github.io/no-such-extension/v9.9.9/schema.json"
+    x = json.loads(item.read_text())
+    x["stac_extensions"].append(unknown)
+    bad.write_text(json.dumps(x))
     empty = tmp_path / "no_schemas"
     empty.mkdir()
-    with pytest.raises(Exception, match="projection/v2.0.0/schema.json"):
-        validate_file(item, empty)
+    for folder in (SCHEMAS, empty):
+        with pytest.raises(Exception, match="no-such-extension/v9.9.9/schema.json") as e:
+            validate_file(bad, folder)
+        assert "not available offline" in str(e.value.__cause__ or e.value)
+    # the folder's schema is the one applied, whichever pystac (>= 1.16 ships its own copies): a stricter
+    # projection schema there rejects the item that the published one accepts
+    strict = tmp_path / "strict_schemas"
+    shutil.copytree(SCHEMAS, strict)
+    proj = strict / "projection" / "v2.0.0" / "schema.json"
+    sch = json.loads(proj.read_text())
+    sch["required"] = [*sch.get("required", []), "dinov3geo:not-there"]
+    proj.write_text(json.dumps(sch))
+    assert validate_file(item, SCHEMAS)[1] == EXT_PROJECTION
+    with pytest.raises(STACValidationError, match="projection/v2.0.0/schema.json"):
+        validate_file(item, strict)
 
 
 def test_an_item_dinov3geo_did_not_write_is_never_replaced(canopy_map: Path, tmp_path: Path) -> None:

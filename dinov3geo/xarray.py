@@ -921,7 +921,7 @@ def change_probability(
     std: Sequence[float] | None = None,
     window: int = 512,
     overlap: int | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     nodata: float | None = None,
     device: str | torch.device = "auto",
     amp: str | bool | None = "auto",
@@ -942,8 +942,14 @@ def change_probability(
         model: a trained change model file (``dinov3geo change train``) or a ``ChangeRasterModel``.
         layers, value_scale, mean, std: zero-shot settings (default: from the backbone, as ``detect_change``).
         nodata: nodata of both dates (default: each date's ``rio.nodata``).
-        window, overlap, batch_size, device, amp, kwargs: see :func:`predict`.
+        batch_size: windows per model call (None: a trained head's chosen by memory as ``detect_change`` does;
+            zero-shot distances 4).
+        window, overlap, device, amp, kwargs: see :func:`predict`.
     """
+    from dinov3geo.inference.batching import check_batch_size, resolve_batch_size
+
+    check_batch_size(batch_size)
+    dev = resolve_device(device)
     b = _as_input(before, nodata, "before")
     a = _as_input(after, nodata, "after")
     if b.band_names != a.band_names and len(b.band_names) != len(a.band_names):
@@ -955,7 +961,8 @@ def change_probability(
     loader = (partial(_change_model, model, weights, len(b.band_names), b.band_names, raw, layers, value_scale, mean,
                       std) if paths and all(isinstance(p, str | os.PathLike) for p in paths) else None)
     name = kwargs.pop("name", "change_probability" if "prob" in rm.names()[0] else "change_distance")
-    return _predict(rm, [b, a], window=window, overlap=overlap, batch_size=batch_size, device=device, amp=amp,
+    bs = resolve_batch_size(rm, window, dev, batch_size, fallback=4)
+    return _predict(rm, [b, a], window=window, overlap=overlap, batch_size=bs, device=dev, amp=amp,
                     name=name, loader=loader, **_engine_kwargs(kwargs))
 
 
@@ -990,7 +997,7 @@ def landcover(
     confidence: bool = True,
     window: int = 512,
     overlap: int | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     nodata: float | None = None,
     device: str | torch.device = "auto",
     amp: str | bool | None = "auto",
@@ -1005,9 +1012,13 @@ def landcover(
     Args:
         da: ``(band, y, x)`` image; when the model records band names that ``da`` names, those are used.
         model: a land-cover model file (``dinov3geo landcover train``) or a ``LandcoverRasterModel``.
-        window, overlap, batch_size, nodata, device, amp, kwargs: see :func:`predict`.
+        batch_size: windows per model call (None: chosen by memory as ``predict_landcover`` does).
+        window, overlap, nodata, device, amp, kwargs: see :func:`predict`.
     """
+    from dinov3geo.inference.batching import check_batch_size, resolve_batch_size
     from dinov3geo.tasks.landcover.classes import NODATA
+
+    check_batch_size(batch_size)
 
     dev = resolve_device(device)
     rm = _landcover_model(model, str(dev))
@@ -1015,7 +1026,8 @@ def landcover(
     da = _select_bands(da, meta.get("bands"), "landcover")
     loader = partial(_landcover_model, model, str(dev)) if isinstance(model, str | os.PathLike) else None
     name = kwargs.pop("name", "landcover")
-    probs = _predict(rm, [_as_input(da, nodata)], window=window, overlap=overlap, batch_size=batch_size,
+    bs = resolve_batch_size(rm, window, dev, batch_size, fallback=4)
+    probs = _predict(rm, [_as_input(da, nodata)], window=window, overlap=overlap, batch_size=bs,
                      device=dev, amp=amp, name=f"{name}-probabilities", loader=loader, **_engine_kwargs(kwargs))
     table = rm.table
     lut = np.asarray(table.code_lut())

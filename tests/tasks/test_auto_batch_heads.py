@@ -344,3 +344,60 @@ def test_api_bad_batch_size_refused_before_any_work(pair: tuple[Path, Path], sha
         with pytest.raises(ValueError, match=r"batch_size must be a positive int or None \(automatic\)"):
             _landcover(shared_data / CHIAPAS, tmp_path / "lc.tif", _landcover_model(), batch_size=bad)
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder, no map, no lock file
+
+
+# ---------------------------------------------------------------------------------------------- (iv) other entry points
+def test_xarray_and_in_memory_entry_points_choose_the_batch_by_memory(pair: tuple[Path, Path], shared_data: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """``dinov3geo.xarray.change_probability`` / ``landcover`` and ``predict_pair`` (training validation) default to
+    the automatic batch too, and equal an explicit run of that batch; zero-shot keeps 4."""
+    import rioxarray
+
+    import dinov3geo.xarray as dx
+    from dinov3geo.tasks.change.datasets import predict_pair
+    from dinov3geo.tasks.change.zeroshot import ZeroShotChange
+
+    rm = _change_model()
+    n = choose_batch_size(rm, WINDOW, "cpu")
+    before = rioxarray.open_rasterio(pair[0], chunks={"x": 112, "y": 80})
+    after = rioxarray.open_rasterio(pair[1], chunks={"x": 112, "y": 80})
+    kw: dict[str, Any] = {"window": WINDOW, "device": "cpu", "block_size": 128}
+    with caplog.at_level(logging.INFO, logger="dinov3geo"):
+        auto = dx.change_probability(before, after, model=rm, **kw)
+    assert _auto_batch(caplog.text) == n
+    explicit = dx.change_probability(before, after, model=rm, batch_size=n, **kw)
+    a = auto.values
+    assert np.isfinite(a).mean() > 0.9 and float(np.nanstd(a)) > 1e-3
+    np.testing.assert_array_equal(a, explicit.values)
+    seen = _count_windows(rm)
+    with rasterio.open(pair[0]) as b0, rasterio.open(pair[1]) as b1:
+        x0, x1 = b0.read(), b1.read()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dinov3geo"):
+        s = predict_pair(rm, x0, x1, window=WINDOW)
+    assert _auto_batch(caplog.text) == n and max(seen) == min(n, sum(seen))  # calls of n windows (or all)
+    assert s.shape == x0.shape[1:] and np.isfinite(s).all()
+    del rm.forward
+    zs = ZeroShotChange(build_backbone("vit_tiny_test", in_chans=4).eval(), bands_per_date=4, value_scale=1 / 255)
+    seen = _count_windows(zs)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dinov3geo"):
+        predict_pair(zs, x0, x1, window=96)
+    assert "automatic" not in caplog.text and sum(seen) > FALLBACK_BATCH_SIZE == max(seen)
+    lm = _landcover_model()
+    with torch.no_grad():  # less decisive, so that the confidence varies over the scene
+        lm.model.head.classifier.bias.zero_()
+        lm.model.head.classifier.weight.mul_(0.2)
+    n = choose_batch_size(lm, WINDOW, "cpu")
+    da = rioxarray.open_rasterio(shared_data / CHIAPAS, chunks={"x": 125, "y": 125}).isel(band=[b - 1 for b in LC_BANDS])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dinov3geo"):
+        lc = dx.landcover(da, lm, **kw).values
+    assert _auto_batch(caplog.text) == n
+    np.testing.assert_array_equal(lc, dx.landcover(da, lm, batch_size=n, **kw).values)
+    assert len(np.unique(lc[1])) > 5  # confidences vary: a real map, not a constant
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=r"batch_size must be a positive int or None \(automatic\)"):
+            dx.landcover(da, lm, batch_size=bad, **kw)
+        with pytest.raises(ValueError, match=r"batch_size must be a positive int or None \(automatic\)"):
+            predict_pair(zs, x0, x1, batch_size=bad)

@@ -429,7 +429,7 @@ def grid_crops(pair: ChangePair, size: int, stride: int | None = None) -> list[t
 # ------------------------------------------------------------------------------------------ prediction
 def predict_pair(model: Any, before: np.ndarray | ChangePair, after: np.ndarray | None = None,
                  valid: np.ndarray | None = None, *, window: int = 256, overlap: int | None = None,
-                 batch_size: int = 4, device: str = "cpu") -> np.ndarray:
+                 batch_size: int | None = None, device: str = "cpu") -> np.ndarray:
     """Run a change :class:`~dinov3geo.inference.RasterModel` (``scale`` 1, one output band) over a whole
     in-memory pair with the inference engine (:func:`dinov3geo.inference.predict_array`: the same windows,
     blending and masking as a raster run).
@@ -441,14 +441,17 @@ def predict_pair(model: Any, before: np.ndarray | ChangePair, after: np.ndarray 
         valid: ``[H, W]`` input mask (default all valid); invalid pixels come out NaN.
         window, overlap: window side and overlap in pixels (default overlap: the engine's; an overlap below
             twice the model's receptive margin is raised to it).
-        batch_size: windows per model call.
+        batch_size: windows per model call (None: chosen by memory for a trained head, as ``detect_change``
+            does; 4 for models without a memory estimate, e.g. zero-shot).
         device: torch device of the model.
 
     Returns:
         ``[H, W]`` float32 scores, NaN where the input is invalid.
     """
     from dinov3geo.inference import predict_array
+    from dinov3geo.inference.batching import check_batch_size, resolve_batch_size
 
+    check_batch_size(batch_size)
     if isinstance(before, ChangePair):
         pair = before
         before, after = pair.before, pair.after
@@ -460,6 +463,7 @@ def predict_pair(model: Any, before: np.ndarray | ChangePair, after: np.ndarray 
     x = np.concatenate([before, after], axis=0)
     if overlap is not None:
         overlap = min(max(int(overlap), 2 * int(getattr(model, "receptive_margin", 0)) + 2), window - 1)
+    batch_size = resolve_batch_size(model, window, device, batch_size, fallback=4)
     out = predict_array(model, x, valid, window=window, overlap=overlap, batch_size=batch_size, device=device,
                         amp=None)
     return out[0].astype(np.float32, copy=False)

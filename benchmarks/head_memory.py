@@ -69,7 +69,7 @@ HERE = Path(__file__).resolve()
 GOAL_GROWTH_MIB = 1024.0
 GOAL_SYS_USER = 0.10
 CLASSES = ["forest", "grass", "water", "built", "crop", "bare", "wetland", "shrub"]
-TASKS = ("change", "landcover")
+TASKS = ("change", "landcover", "features")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -108,8 +108,8 @@ def make_model(work: Path, task: str, name: str) -> Path:
     import torch
 
     path = work / f"{task}_{name}.pt"
-    if path.exists():
-        return path
+    if path.exists() or path.with_suffix(".pth").exists():
+        return path if path.exists() else path.with_suffix(".pth")
     torch.manual_seed(0)
     bb = _backbone(name)
     if task == "change":
@@ -139,6 +139,14 @@ def make_model(work: Path, task: str, name: str) -> Path:
         model = LandcoverModel(bb, head, ClassTable.from_labels(CLASSES), layers).eval()
         save_landcover_model(path, model, bands=["red", "green", "blue"], mean=[0.43, 0.44, 0.34],
                              std=[0.2, 0.18, 0.18], value_scale=1 / 255, gsd=0.1, backbone_source=f"random:{name}")
+    elif task == "features":
+        from dinov3geo.models import save_backbone
+
+        path = path.with_suffix(".pth")
+        if path.exists():
+            return path
+        save_backbone(bb, path)
+        model = bb
     else:
         raise ValueError(f"unknown task {task!r}")
     del bb, model
@@ -150,11 +158,15 @@ def make_model(work: Path, task: str, name: str) -> Path:
 def _resolved_batch(rm: Any, window: int, batch: int | None) -> tuple[int, float, str]:
     """The batch a run uses, the model's memory estimate for it (MiB) and where it came from: ``auto`` (what the
     task's ``batch_size=None`` chooses: :func:`dinov3geo.inference.batching.choose_batch_size`) or ``explicit``."""
-    from dinov3geo.inference.batching import choose_batch_size, memory_estimator
+    from dinov3geo.inference.batching import memory_estimator, resolve_batch_size
 
     source = "explicit" if batch is not None else "auto"
-    used = choose_batch_size(rm, window, "cpu", batch)
-    return used, memory_estimator(rm)(window, used) / 2**20, source
+    used = resolve_batch_size(rm, window, "cpu", batch, fallback=4)
+    try:
+        estimate = memory_estimator(rm)(window, used) / 2**20
+    except TypeError:  # a model without an estimate: its task's fixed default
+        estimate, source = float("nan"), source if batch is not None else "fixed"
+    return used, estimate, source
 
 
 def child_run(spec: dict[str, Any]) -> dict[str, Any]:
@@ -168,10 +180,17 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
         from dinov3geo.tasks.change.head import load_change_model
 
         rm = load_change_model(spec["model"])
-    else:
+    elif spec["task"] == "landcover":
         from dinov3geo.tasks.landcover.predict import LandcoverRasterModel, predict_landcover
 
         rm, _ = LandcoverRasterModel.from_checkpoint(spec["model"])
+    else:
+        from dinov3geo.models import load_backbone
+        from dinov3geo.tasks.features import MultiLayerFeatures, extract_features, normalisation_for
+
+        bb = load_backbone(spec["model"]).eval()  # loaded before the measurement, as the other tasks' models
+        vs, m, s = normalisation_for(bb, "uint8")
+        rm = MultiLayerFeatures(bb, spec.get("layers") or [-1], value_scale=vs, mean=m, std=s)
     used, estimate, source = _resolved_batch(rm, window, batch)
     gc.collect()
     base = current_rss_mib()
@@ -185,6 +204,10 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
         res = detect_change(spec["image"], spec["after"], spec["out"], method="head", model=rm, sidecars=False,
                             threshold=spec.get("threshold"), **kw)
         engine_s = res.timings.get("model")
+    elif spec["task"] == "features":
+        extract_features(spec["image"], spec["out"], weights=bb, layers=spec.get("layers") or [-1],
+                         pca=True, sidecars=False, **kw)
+        engine_s = None
     else:
         stats: dict[str, Any] = {}
         predict_landcover(rm, spec["image"], spec["out"], probabilities=spec.get("probs"), resume=False, stats=stats,
@@ -208,11 +231,17 @@ HANDLERS = {"run": child_run}
 
 
 def compare(a: str, b: str) -> float:
-    """Max |a - b| over all bands and the pixels finite in both."""
+    """Max |a - b| over all bands and the pixels finite in both (rasters, or feature Zarr stores)."""
     import rasterio
 
-    with rasterio.open(a) as da, rasterio.open(b) as db:
-        x, y = da.read().astype(np.float64), db.read().astype(np.float64)
+    if a.endswith(".zarr"):
+        import xarray as xr
+
+        with xr.open_zarr(a, consolidated=False) as da, xr.open_zarr(b, consolidated=False) as db:
+            x, y = da["features"].values.astype(np.float64), db["features"].values.astype(np.float64)
+    else:
+        with rasterio.open(a) as ra, rasterio.open(b) as rb:
+            x, y = ra.read().astype(np.float64), rb.read().astype(np.float64)
     ok = np.isfinite(x) & np.isfinite(y)
     return float(np.abs(x[ok] - y[ok]).max()) if ok.any() else float("nan")
 
@@ -234,6 +263,8 @@ def main() -> None:
     ap.add_argument("--keep-probabilities", action="store_true",
                     help="land cover: also keep the class probabilities (a COG with overviews; compared across runs) "
                     "instead of the default intermediate file (the class maps are compared)")
+    ap.add_argument("--layers", nargs="+", type=int, default=[-1],
+                    help="features: the blocks tapped (default the last; e.g. 5 11 17 23 for four ViT-L blocks)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--workdir", default="/tmp/dinov3geo-head-memory")
     ap.add_argument("--json", default=None, help="write every number here")
@@ -272,13 +303,16 @@ def main() -> None:
         order = order[rep % len(order):] + order[: rep % len(order)]  # rotated: no configuration always runs first
         for i in order:
             c = configs[i]
-            keep = work / f"out_{i}_r{rep}.tif"
+            keep = work / (f"out_{i}_r{rep}.zarr" if c["task"] == "features" else f"out_{i}_r{rep}.tif")
             spec = {"kind": "run", "task": c["task"], "model": str(files[(c["task"], c["model"])]),
                     "image": str(images[c["size"]]), "window": args.window, "batch": c["batch"]}
             if c["task"] == "change":
                 out = work / f"change_{i}"
                 shutil.rmtree(out, ignore_errors=True)
                 spec.update(after=str(afters[c["size"]]), out=str(out), threshold=args.threshold)
+            elif c["task"] == "features":
+                out = work / f"features_{i}.zarr"
+                spec.update(out=str(out), layers=args.layers)
             else:
                 out = work / f"classes_{i}.tif"
                 spec.update(out=str(out), probs=str(work / f"probs_{i}.tif") if args.keep_probabilities else None)
@@ -287,10 +321,14 @@ def main() -> None:
             except RuntimeError as e:  # one failed run does not lose the others
                 log(f"[{rep + 1}/{args.repeats}] {c['task']} {c['model']} {c['size']}^2 {c['label']} FAILED: {e}")
                 continue
+            shutil.rmtree(keep, ignore_errors=True)
             os.replace(out / "change_prob.tif" if c["task"] == "change"
-                       else work / f"probs_{i}.tif" if args.keep_probabilities else out, keep)
+                       else work / f"probs_{i}.tif" if c["task"] == "landcover" and args.keep_probabilities
+                       else out, keep)
             if c["task"] == "change":
                 shutil.rmtree(out, ignore_errors=True)
+            for extra in (work / f"features_{i}_pca.png", work / f"features_{i}_pca.tif"):
+                extra.unlink(missing_ok=True)
             r["out"] = str(keep)
             results[i].append(r)
             log(f"[{rep + 1}/{args.repeats}] {c['task']} {c['model']} {c['size']}^2 {c['label']} (batch "
@@ -317,7 +355,7 @@ def main() -> None:
                      best["estimate_mib"], spread, best.get("load1"), f"{diff:.1e}"])
     print_table(rows, ["task", "model", "image", "run", "batch", "wall s", "engine s", "kpx/s", "user s", "sys s", "sys/user %",
                        "minflt M", "RSS growth MiB", "estimate MiB", "spread", "load", "max |diff|"],
-                title=f"detect_change(method='head') / predict_landcover(dense + image detail), window "
+                title=f"detect_change(method='head') / predict_landcover(dense + image detail) / extract_features, window "
                       f"{args.window}, CPU ({cpu}, {cap})")
 
     goals = []

@@ -766,7 +766,7 @@ def features(
     layers: Sequence[int] = (-1,),
     window: int = 512,
     overlap: int | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     nodata: float | None = None,
     device: str | torch.device = "auto",
     amp: str | bool | None = "auto",
@@ -782,13 +782,17 @@ def features(
         da: ``(band, y, x)`` image (bands in the backbone's order).
         weights: backbone weights file (Meta, timm or dinov3geo format) or a backbone module; None builds
             ``arch`` with random weights (tests).
-        layers, window, overlap, batch_size, nodata, device, amp: see :func:`predict` and ``extract_features``.
+        batch_size: windows per model call (None: chosen by memory as ``extract_features`` does).
+        layers, window, overlap, nodata, device, amp: see :func:`predict` and ``extract_features``.
         value_scale, mean, std: override the input normalisation (default: the backbone's metadata, else its
             family's RGB statistics on ``[0, 1]`` values, uint8 divided by 255: see ``normalisation_for``).
         kwargs: more :func:`predict` options (``block_size``, ``model_threads``...).
     """
+    from dinov3geo.inference.batching import check_batch_size, resolve_batch_size
     from dinov3geo.models import build_backbone
 
+    check_batch_size(batch_size)
+    dev = resolve_device(device)
     inp = _as_input(da, nodata)
     path = isinstance(weights, str | os.PathLike)
     backbone = weights if isinstance(weights, torch.nn.Module) else (
@@ -796,7 +800,8 @@ def features(
     model = _features_model(backbone, layers, str(inp.raw_dtype), value_scale, mean, std)
     loader = (partial(_features_model, os.fspath(weights), list(layers), str(inp.raw_dtype), value_scale, mean, std)
               if path else None)
-    return _predict(model, [inp], window=window, overlap=overlap, batch_size=batch_size, device=device, amp=amp,
+    bs = resolve_batch_size(model, window, dev, batch_size, fallback=4)
+    return _predict(model, [inp], window=window, overlap=overlap, batch_size=bs, device=dev, amp=amp,
                     name=kwargs.pop("name", "features"), loader=loader, **_engine_kwargs(kwargs),
                     attrs={"dinov3geo_layers": [int(x) for x in model.layers]})
 

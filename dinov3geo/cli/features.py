@@ -48,7 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="CRS for an image that has none, e.g. EPSG:31982 (refused otherwise)")
     p.add_argument("--window", type=multiple_of(PATCH, MIN_WINDOW), default=512,
                    help=f"window size in pixels: a multiple of {PATCH}, at least {MIN_WINDOW} (default 512)")
-    p.add_argument("--batch-size", type=integer(1, 4096), default=4, help="windows per model call (default 4)")
+    p.add_argument("--batch-size", type=integer(1, 4096), default=None,
+                   help="windows per model call (default: chosen from the model's memory estimate and the memory "
+                   "available)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), bf16, none")
     p.add_argument("--value-scale", type=number(0, lo_open=True), default=None,
@@ -68,7 +70,7 @@ def check(args: argparse.Namespace) -> None:
     size = raster_size(args.image, args.assume_crs)
     if size is not None and args.bands:
         size = (size[0], size[1], len([b for b in args.bands.split(",") if b.strip()]), size[3])
-    check_window_memory("--window", args.window, args.batch_size, size, out_bands=64 * len(args.layers),
+    check_window_memory("--window", args.window, args.batch_size or 1, size, out_bands=64 * len(args.layers),
                         scale=PATCH, multiple=PATCH, minimum=MIN_WINDOW)  # 64: the narrowest backbone (a lower bound)
 
 

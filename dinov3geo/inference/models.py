@@ -304,6 +304,37 @@ class BackboneFeatures(RasterModel):
         depth = len(getattr(self.backbone, "blocks", [])) or 1
         return self.layer % depth
 
+    def _tapped_layers(self) -> list[int]:
+        return [self._layer_index()]
+
+    def memory_estimate(self, window: int, batch: int = 1, itemsize: int | None = None) -> int:
+        """Estimated peak working memory (bytes, weights excluded) of one call on ``batch`` windows, what the
+        automatic batch (:func:`~dinov3geo.inference.batching.choose_batch_size`) sizes calls by.
+
+        Per ``window`` x ``window`` window (padded to the backbone's input multiple): the input (raw,
+        normalised, padded: ``3 x C`` maps), the backbone's activations
+        (:func:`~dinov3geo.inference.batching.backbone_window_elements` for the tapped layers), the output
+        maps on the 16 px grid twice (the tapped maps and their concatenation; a head's output once more) and,
+        with ``upsample``, the output at input resolution. ``itemsize`` defaults to the backbone's parameters'.
+        Checked against measured peak RSS growth by ``benchmarks/head_memory.py --tasks features``.
+        """
+        from dinov3geo.inference.batching import backbone_window_elements
+        from dinov3geo.models.taps import grid_stride, input_multiple
+
+        if window < 1 or batch < 1:
+            raise ValueError(f"window and batch must be positive, got {window}, {batch}")
+        item = int(itemsize or next(self.backbone.parameters()).element_size())
+        mult = int(input_multiple(self.backbone))
+        side = -(-int(window) // mult) * mult
+        px = side * side
+        grid = px // int(grid_stride(self.backbone)) ** 2
+        chans = int(self.in_bands or 3)
+        per_window = 3 * chans * px + backbone_window_elements(self.backbone, side, self._tapped_layers())
+        per_window += (3 if self.head is not None else 2) * int(self.out_bands) * grid
+        if self.upsample:
+            per_window += int(self.out_bands) * px
+        return int(per_window * batch * item)
+
     def to(self, device: torch.device | str) -> BackboneFeatures:
         self.backbone.to(device)
         if self.head is not None:

@@ -404,7 +404,7 @@ def features_stage(
     bands: list[str] | None = None,
     window: int = 512,
     overlap: int | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     device: str = "auto",
     amp: str | None = "auto",
     pca: bool = True,

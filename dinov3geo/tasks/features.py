@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 
 from dinov3geo.inference import BackboneFeatures, predict_raster
+from dinov3geo.inference.batching import check_batch_size, resolve_batch_size
+from dinov3geo.inference.engine import resolve_device
 from dinov3geo.io.grid import GridSpec
 from dinov3geo.io.sidecars import sidecar_properties, write_sidecars
 from dinov3geo.models import build_backbone, load_backbone
@@ -90,6 +92,9 @@ class MultiLayerFeatures(BackboneFeatures):
         self.band_names = tuple(f"l{li:02d}_f{k:03d}" for li, d in zip(self.layers, widths, strict=True)
                                 for k in range(d))
 
+    def _tapped_layers(self) -> list[int]:
+        return list(self.layers)
+
     def forward(self, x: Tensor, valid: Tensor) -> Tensor:
         from dinov3geo.models.taps import tap_maps
 
@@ -124,13 +129,13 @@ def extract_features(
     image: Any,
     out: str | os.PathLike,
     *,
-    weights: str | os.PathLike | None = None,
+    weights: str | os.PathLike | torch.nn.Module | None = None,
     arch: str = "vits16",
     layers: Sequence[int] = (-1,),
     bands: Sequence[str | int] | None = None,
     window: int = 512,
     overlap: int | None = None,
-    batch_size: int = 4,
+    batch_size: int | None = None,
     device: str = "auto",
     amp: str | None = "auto",
     pca: bool = True,
@@ -145,12 +150,15 @@ def extract_features(
     Args:
         image: raster path, band folder, STAC item or scene (anything the inference engine reads).
         out: output ``.zarr`` path (replaced atomically).
-        weights: backbone weights (Meta, timm or dinov3geo format); None builds ``arch`` with random weights
-            (only useful for testing).
+        weights: backbone weights file (Meta, timm or dinov3geo format) or a loaded backbone module; None builds
+            ``arch`` with random weights (only useful for testing).
         layers: block indices (ConvNeXt: stage indices 0-3; negative from the end) whose normed patch tokens
             are concatenated (see :class:`MultiLayerFeatures` for the band count).
         bands: input bands by name or index (default all; must match the backbone's channels).
-        window, overlap, batch_size, device, amp: inference-engine settings.
+        batch_size: windows per model call; None (default): chosen from the model's memory estimate and the
+            memory available (:func:`~dinov3geo.inference.batching.resolve_batch_size`: ViT-L at window 512 on
+            CPU gets 4, the tapped layers' maps counted; a resumed run keeps its own).
+        window, overlap, device, amp: inference-engine settings.
         pca: also write ``<out stem>_pca.png`` and ``<out stem>_pca.tif``.
         value_scale, mean, std: override the input normalisation.
         sidecars: writes ``<out>.stac.json`` (STAC Item of the feature store: grid, projection, one band per
@@ -163,24 +171,26 @@ def extract_features(
     folder holding an input, a folder dinov3geo did not create, a tile store) is refused before any work
     (:func:`dinov3geo.utils.outputs.guard_output`), and one process at a time writes it.
     """
-    out = guard_output(out, [image, weights], folder=True, kind=FEATURES_KIND, role="features output")
+    check_batch_size(batch_size)  # before any work
+    wfile = weights if isinstance(weights, str | os.PathLike) else None
+    out = guard_output(out, [image, wfile], folder=True, kind=FEATURES_KIND, role="features output")
     stem = out.with_suffix("")
     pca_paths = [Path(f"{stem}_pca.png"), Path(f"{stem}_pca.tif")] if pca else []
     for extra in pca_paths:
-        guard_output(extra, [image, weights], role="PCA output")
+        guard_output(extra, [image, wfile], role="PCA output")
     with output_lock(out, what="features"):
         res = _extract_features(image, out, weights=weights, arch=arch, layers=layers, bands=bands,
                                 window=window, overlap=overlap, batch_size=batch_size, device=device, amp=amp,
                                 pca=pca, progress=progress, value_scale=value_scale, mean=mean, std=std)
         props = sidecar_properties(sidecars, "dinov3geo.tasks.features.extract_features")
         if props is not None:  # under the lock: no other run replaces the store while it is described
-            write_sidecars([res.zarr, res.pca_tif], inputs=[image], model=weights, extra_properties=props)
+            write_sidecars([res.zarr, res.pca_tif], inputs=[image], model=wfile, extra_properties=props)
         return res
 
 
-def _extract_features(image: Any, out: Path, *, weights: str | os.PathLike | None, arch: str,
+def _extract_features(image: Any, out: Path, *, weights: str | os.PathLike | torch.nn.Module | None, arch: str,
                       layers: Sequence[int], bands: Sequence[str | int] | None, window: int, overlap: int | None,
-                      batch_size: int, device: str, amp: str | None, pca: bool, progress: bool,
+                      batch_size: int | None, device: str, amp: str | None, pca: bool, progress: bool,
                       value_scale: float | None, mean: Sequence[float] | None,
                       std: Sequence[float] | None) -> FeatureResult:
     """:func:`extract_features` once the output is checked and locked."""
@@ -188,16 +198,24 @@ def _extract_features(image: Any, out: Path, *, weights: str | os.PathLike | Non
 
     tmp_tif = out.parent / f".{out.name}.features.tif"
     check_writable(tmp_tif)  # the output folder is writable: fail now, not after the extraction
-    backbone = load_backbone(weights) if weights is not None else build_backbone(arch)
+    if isinstance(weights, torch.nn.Module):
+        backbone = weights
+    else:
+        backbone = load_backbone(weights) if weights is not None else build_backbone(arch)
     backbone.eval()
     src = as_source(image, bands=bands)
     vs, m, s = normalisation_for(backbone, src.dtype if hasattr(src, "dtype") else "float32")
     model = MultiLayerFeatures(backbone, layers, value_scale=value_scale if value_scale is not None else vs,
                                mean=mean if mean is not None else m, std=std if std is not None else s)
-    predict_raster(model, image, tmp_tif, window=window, overlap=overlap, batch_size=batch_size, bands=bands,
-                   device=device, amp=amp, progress=progress, overviews=False)
+    dev = resolve_device(device)
+    # an interrupted run resumes into tmp_tif: keep its batch size (part of the engine's fingerprint)
+    batch = resolve_batch_size(model, window, dev, batch_size, out=tmp_tif, fallback=4)
+    predict_raster(model, image, tmp_tif, window=window, overlap=overlap, batch_size=batch, bands=bands,
+                   device=dev, amp=amp, progress=progress, overviews=False)
     try:
-        grid = _to_zarr(tmp_tif, out, model.band_names, layers=model.layers, weights=weights)
+        grid = _to_zarr(tmp_tif, out, model.band_names, layers=model.layers,
+                        weights=weights if not isinstance(weights, torch.nn.Module)
+                        else f"in-memory {type(weights).__name__}")
         pca_png = pca_tif = None
         if pca:
             pca_png, pca_tif = _pca_outputs(tmp_tif, out, grid)
@@ -206,12 +224,31 @@ def _extract_features(image: Any, out: Path, *, weights: str | os.PathLike | Non
     return FeatureResult(out, pca_png, pca_tif, grid, model.out_bands)
 
 
+#: Bytes (float32) of one chunk of the feature store, all features of a square of feature pixels: also the
+#: block the PCA rendering reads. 512 x 512 feature pixels were 1 GiB of ViT-L features (4 GiB for four
+#: layers), read whole by the PCA and by a user's ``ds.features[:, y, x]``; see :func:`feature_chunk_side`.
+CHUNK_BYTES = 32 * 2**20
+
+
+def feature_chunk_side(n_features: int, itemsize: int = 4, target: int | None = None, multiple: int = 16,
+                       cap: int = 512) -> int:
+    """Side (feature pixels, a multiple of ``multiple``, at most ``cap``) of the square chunks of a feature store
+    with ``n_features`` bands, so that one chunk holds about ``target`` bytes: 352 for 64 features, 144 for
+    ViT-S (384), 80 for ViT-L (1024), 32 for four ViT-L layers (4096). ``target`` defaults to
+    :data:`CHUNK_BYTES`."""
+    if n_features < 1:
+        raise ValueError(f"n_features must be positive, got {n_features}")
+    side = int(((CHUNK_BYTES if target is None else target) / (n_features * itemsize)) ** 0.5)
+    return max(multiple, min(cap, side // multiple * multiple))
+
+
 def _to_zarr(tif: Path, out: Path, names: Sequence[str], **attrs: Any) -> GridSpec:
     """Copy the feature COG into a Zarr v3 xarray Dataset (chunked, lazy), replacing ``out`` atomically."""
     import rioxarray  # noqa: F401 - registers .rio
     import xarray as xr
 
-    da = xr.open_dataarray(tif, engine="rasterio", chunks={"band": -1, "x": 512, "y": 512}, mask_and_scale=True)
+    side = feature_chunk_side(len(names))
+    da = xr.open_dataarray(tif, engine="rasterio", chunks={"band": -1, "x": side, "y": side}, mask_and_scale=True)
     da = da.rename({"band": "feature"}).assign_coords(feature=list(names))
     ds = xr.Dataset({"features": da.astype("float32")})
     ds["features"].attrs = {"long_name": "DINOv3 patch features", "nodata": "NaN"}
@@ -273,8 +310,10 @@ def pca_rgb(features: np.ndarray, valid: np.ndarray, n_fit: int = 20000, seed: i
     return pca.render(features, valid)
 
 
-def _pca_outputs(tif: Path, out: Path, grid: GridSpec, n_fit: int = 20000, block: int = 512) -> tuple[Path, Path]:
-    """Fit on a sample of valid pixels read window by window, then render window by window (bounded memory)."""
+def _pca_outputs(tif: Path, out: Path, grid: GridSpec, n_fit: int = 20000,
+                 block: int | None = None) -> tuple[Path, Path]:
+    """Fit on a sample of valid pixels read window by window, then render window by window (bounded memory:
+    ``block`` x ``block`` feature pixels at a time, default :func:`feature_chunk_side`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,6 +324,7 @@ def _pca_outputs(tif: Path, out: Path, grid: GridSpec, n_fit: int = 20000, block
 
     rng = np.random.default_rng(0)
     with rasterio.open(tif) as src:
+        block = block or feature_chunk_side(src.count)
         wins = [Window(c, r, min(block, src.width - c), min(block, src.height - r))
                 for r in range(0, src.height, block) for c in range(0, src.width, block)]
         per = max(1, n_fit // len(wins))

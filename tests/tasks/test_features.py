@@ -76,3 +76,103 @@ def test_cli_features(neon, tmp_path, capsys):
     rc = main(["-q", "features", str(neon), "--out", str(tmp_path / "c.zarr"), "--arch", "vit_tiny_test",
                "--window", "256"])
     assert rc == 0 and (tmp_path / "c.zarr").exists() and (tmp_path / "c_pca.png").exists()
+
+
+def test_batch_is_chosen_by_memory_and_a_loaded_backbone_gives_the_same_store(neon, tmp_path, caplog, capsys):
+    """``batch_size=None`` (the default) picks the batch from the features model's memory estimate, maps what an
+    explicit run of that batch maps (bit for bit), and ``weights`` may be a loaded backbone (same store as its
+    file); the CLI defaults to it; a bad batch size is refused before any work."""
+    import logging
+    import re
+
+    import torch
+
+    from dinov3geo.inference.batching import choose_batch_size
+    from dinov3geo.tasks.features import MultiLayerFeatures
+    from tests.tasks.landcover.test_heads import real_backbone
+
+    bb = real_backbone(in_chans=3)  # LayerScale 0.1-1: the blocks matter
+    w = save_backbone(bb, tmp_path / "w.pt")
+    n = choose_batch_size(MultiLayerFeatures(bb, [0, -1]), 256, "cpu")
+    with caplog.at_level(logging.INFO, logger="dinov3geo"):
+        auto = extract_features(neon, tmp_path / "auto.zarr", weights=w, layers=[0, -1], window=256, progress=False,
+                                pca=False, sidecars=False)
+    assert [int(x) for x in re.findall(r"batch size (\d+) \(automatic, by memory\)", caplog.text)] == [n]
+    explicit = extract_features(neon, tmp_path / "explicit.zarr", weights=bb, layers=[0, -1], window=256,
+                                batch_size=n, progress=False, pca=False, sidecars=False)
+    fa = xr.open_zarr(auto.zarr, consolidated=False)["features"].values
+    fe = xr.open_zarr(explicit.zarr, consolidated=False)["features"].values
+    assert fa.shape[0] == 128 and float(fa.std()) > 0.1
+    np.testing.assert_array_equal(fa, fe)
+    assert xr.open_zarr(explicit.zarr, consolidated=False).attrs["weights"] == "in-memory DinoVisionTransformer"
+    assert isinstance(bb, torch.nn.Module) and not bb.training
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match=r"batch_size must be a positive int or None \(automatic\)"):
+            extract_features(neon, tmp_path / "bad.zarr", weights=w, batch_size=bad, progress=False)
+    assert not (tmp_path / "bad.zarr").exists()
+    capsys.readouterr()
+    rc = main(["-v", "features", str(neon), "--out", str(tmp_path / "cli.zarr"), "--weights", str(w),
+               "--layers", "0,-1", "--window", "256", "--no-pca"])
+    err = capsys.readouterr().err
+    assert rc == 0 and f"batch size {n} (automatic, by memory)" in err, err
+    np.testing.assert_array_equal(xr.open_zarr(tmp_path / "cli.zarr", consolidated=False)["features"].values, fa)
+
+
+def test_features_memory_estimate_counts_the_tapped_maps_and_the_batch():
+    """The estimate grows with the batch (linearly), the window, the tapped layers and upsampling, so the
+    automatic batch shrinks for many-layer ViT features where one layer's fits."""
+    from dinov3geo.inference import BackboneFeatures
+    from dinov3geo.inference.batching import choose_batch_size, region_reserve
+    from dinov3geo.tasks.features import MultiLayerFeatures
+
+    bb = build_backbone("vits16").eval()
+    one, four = MultiLayerFeatures(bb, [-1]), MultiLayerFeatures(bb, [2, 5, 8, 11])
+    e = one.memory_estimate
+    assert e(512, 4) == 4 * e(512, 1) and e(1024, 1) > 3.5 * e(512, 1)
+    assert four.memory_estimate(512, 1) > e(512, 1)
+    up = BackboneFeatures(bb, upsample=True)
+    assert up.memory_estimate(512, 1) - BackboneFeatures(bb).memory_estimate(512, 1) == 384 * 512 * 512 * 4
+    # a budget where one layer's batch of 4 fits but four layers' does not
+    need1 = e(512, 4) + region_reserve(one, 512, 4)
+    need4 = four.memory_estimate(512, 4) + region_reserve(four, 512, 4)
+    assert need4 > need1
+    avail = 4 * need1  # the CPU budget is a quarter of the available memory (below 1 GiB)
+    assert choose_batch_size(one, 512, "cpu", available=avail) == 4
+    assert choose_batch_size(four, 512, "cpu", available=avail) < 4
+
+
+def test_store_chunks_and_pca_blocks_are_bounded_in_bytes(neon, tmp_path, monkeypatch):
+    """The Zarr chunks (and the PCA's read blocks) hold about ``CHUNK_BYTES`` of features whatever the band
+    count (512^2 feature pixels of ViT-L features were 1 GiB per chunk); the values do not depend on it."""
+    import dinov3geo.tasks.features as feats
+    from dinov3geo.tasks.features import feature_chunk_side
+
+    assert [feature_chunk_side(n) for n in (64, 384, 1024, 4096)] == [352, 144, 80, 32]
+    assert all(feature_chunk_side(n) ** 2 * n * 4 <= feats.CHUNK_BYTES for n in (64, 100, 384, 1024, 4096))
+    w = save_backbone(build_backbone("vit_tiny_test"), tmp_path / "w.pt")
+    ref = extract_features(neon, tmp_path / "ref.zarr", weights=w, layers=[0, -1], window=256, progress=False,
+                           sidecars=False)
+    reads = []
+    real_read = rasterio.io.DatasetReader.read
+
+    def read(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        arr = real_read(self, *a, **k)
+        if self.count == 128:  # the feature GeoTIFF
+            reads.append(arr.shape[-2:])
+        return arr
+
+    monkeypatch.setattr(feats, "CHUNK_BYTES", 128 * 4 * 16 * 16)  # 16 x 16 feature pixels of 128 features
+    monkeypatch.setattr(rasterio.io.DatasetReader, "read", read)
+    small = extract_features(neon, tmp_path / "small.zarr", weights=w, layers=[0, -1], window=256, progress=False,
+                             sidecars=False)
+    ds, dr = xr.open_zarr(small.zarr, consolidated=False), xr.open_zarr(ref.zarr, consolidated=False)
+    assert ds["features"].encoding["chunks"] == (128, 16, 16)
+    assert dr["features"].encoding["chunks"] == (128, *ds["features"].shape[1:])  # the whole 70 x 76 grid in one chunk
+    np.testing.assert_array_equal(ds["features"].values, dr["features"].values)
+    assert reads and max(max(r) for r in reads) == 16  # the PCA read 16 x 16 blocks
+    with rasterio.open(small.pca_tif) as a, rasterio.open(ref.pca_tif) as b:
+        pa, pb = a.read().astype(int), b.read().astype(int)
+    ok = pa[0] > 0
+    assert np.array_equal(ok, pb[0] > 0) and ok.mean() > 0.9  # the same valid pixels
+    for k in range(3):  # the components fitted on another sample: the same up to sign
+        assert abs(np.corrcoef(pa[k][ok], pb[k][ok])[0, 1]) > 0.9

@@ -1,10 +1,12 @@
-"""Memory and kernel time of the change and land-cover heads at region scale on CPU (issue 21, last bullet).
+"""Memory and kernel time of the change and land-cover heads and of feature extraction at region scale on CPU
+(issue 21, last bullet).
 
 Run from the repository root::
 
     .venv/bin/python benchmarks/head_memory.py                         # tiny + ViT-L, 1024^2, batches 1 2 4
     .venv/bin/python benchmarks/head_memory.py --models tiny --big     # + 4096^2 at the defaults (tiny)
     .venv/bin/python benchmarks/head_memory.py --tasks change --models vitl --big --big-models vitl   # long
+    .venv/bin/python benchmarks/head_memory.py --tasks features --models vitl --layers 5 11 17 23
 
 The companion of ``canopy_memory.py`` (same measurement, same helpers) for the two other heads that upsample
 to full resolution:
@@ -15,7 +17,8 @@ to full resolution:
    (4 blocks, hidden 64, learned x2 upsampling 64 -> 32 -> 16 -> 16 -> 16 channels, 16-channel full-resolution
    detail branch), written by ``save_change_model`` (backbone embedded). ``landcover``: the dense head with
    image detail (:class:`~dinov3geo.tasks.landcover.heads.DenseHead`, ``landcover train``'s defaults: 4 levels,
-   hidden 64, 16 detail channels; 8 classes), written by ``save_landcover_model``.
+   hidden 64, 16 detail channels; 8 classes), written by ``save_landcover_model``. ``features``: the backbone
+   alone (``save_backbone``), its ``--layers`` (default the last) tapped by ``extract_features``.
 2. **Images**: a ``--size``\\ :sup:`2` crop (default 1024) of the NEON RGB in ``data/`` (or ``../shared/data``),
    and with ``--big`` a ``--big-size``\\ :sup:`2` (default 4096) mosaic of mirrored copies of it. The change
    runs pair it with an "after" date on the same grid: the same pixels with the central quarter (side / 2)
@@ -24,7 +27,9 @@ to full resolution:
    .from_checkpoint``), reset the peak-RSS mark (``/proc/self/clear_refs``), then the task's region call:
    ``detect_change(method="head")`` (coregistration, the engine, thresholding, regions, polygons, summary) or
    ``predict_landcover(image_detail dense head)`` (probabilities through the engine into an intermediate file,
-   then the class map; ``--keep-probabilities``: also kept as a COG with overviews, as ``--probabilities`` does), window
+   then the class map; ``--keep-probabilities``: also kept as a COG with overviews, as ``--probabilities`` does), or
+   ``extract_features(pca=True)`` (the engine into a feature GeoTIFF, its copy into the Zarr store, the PCA COG
+   and PNG; the loaded backbone passed as ``weights``), window
    ``--window``. Measured: wall time, the engine's part of it (``engine s``: the model over all windows and the
    blended probability COG; the rest is coregistration and post-processing, or the class map), throughput
    (image px / s), user and system CPU time and minor page faults of the process during the call, and the

@@ -903,9 +903,19 @@ class _FeatureCOGWriter(COGWriter):
         return super().overview_factors() if self._overviews else []
 
 
-def _cog_blocksize(out_bands: int, dtype: np.dtype) -> int:
+#: Bytes (uncompressed, all bands) of one COG tile of the engine's output at most, down to 16 px tiles. GDAL
+#: holds whole pixel-interleaved tiles when it writes and reads them: the 128 px floor this replaced made one
+#: tile of four ViT-S layers' features (4608 float32 bands) 288 MiB, decoded again for every small window read.
+TILE_BYTES = 32 * 2**20
+
+
+def cog_blocksize(out_bands: int, dtype: Any = np.float32) -> int:
+    """COG tile side of an engine output with ``out_bands`` bands of ``dtype``: 512, halved (down to 16) while
+    one tile would exceed :data:`TILE_BYTES` (float32: 512 up to 32 bands, 256 up to 128, 128 up to 512, 64 up
+    to 2048, 32 up to 8192). ``predict_raster(blocksize=)`` overrides it."""
+    item = np.dtype(dtype).itemsize
     bs = 512
-    while bs > 128 and bs * bs * out_bands * dtype.itemsize > 32 * 2**20:
+    while bs > 16 and bs * bs * int(out_bands) * item > TILE_BYTES:
         bs //= 2
     return bs
 
@@ -1023,7 +1033,7 @@ def make_layout(
     a = math.lcm(scale, start_align)
     if default and (window - overlap) % a:  # widen the overlap onto the feature grid
         overlap = window - (window - overlap) // a * a
-    bs = blocksize or _cog_blocksize(model.out_bands, np.dtype(model.out_dtype))
+    bs = blocksize or cog_blocksize(model.out_bands, model.out_dtype)
     stride_out = (window - overlap) // scale
     if stride_out <= 0:
         raise ValueError(f"overlap {overlap} must be smaller than window {window}")
@@ -1113,7 +1123,8 @@ def predict_raster(
             bands (maps); ZSTD level 1 for more (patch embeddings: measured on a 256^2 x 384 float32 output,
             0.34 s of CPU and 82 MB against 1.5 s and 79 MB with DEFLATE; any GDAL >= 2.3 reads it).
         compress_level: the codec's level (default: GDAL's, ZSTD level 1 for the many-band default).
-        blocksize, overview_resampling: COG options (``blocksize`` default: 512, smaller for many bands).
+        blocksize, overview_resampling: COG options (``blocksize`` default: :func:`cog_blocksize`, 512 px,
+            smaller for many bands).
         overviews: build internal overviews (default: only for outputs of at most 16 bands; GDAL builds them
             very slowly for hundreds of pixel-interleaved bands, e.g. patch embeddings).
         gdal_cachemax_mb: GDAL block cache (MB) for writing (default: 32, or four COG tiles of all bands when

@@ -218,28 +218,23 @@ def _extract_features(image: Any, out: Path, *, weights: str | os.PathLike | tor
                         else f"in-memory {type(weights).__name__}")
         pca_png = pca_tif = None
         if pca:
-            pca_png, pca_tif = _pca_outputs(tmp_tif, out, grid)
+            pca_png, pca_tif = _pca_outputs(out, grid)
     finally:
         tmp_tif.unlink(missing_ok=True)
     return FeatureResult(out, pca_png, pca_tif, grid, model.out_bands)
 
 
-#: Bytes (float32) of one chunk of the feature store, all features of a square of feature pixels: also the
-#: block the PCA rendering reads. 512 x 512 feature pixels were 1 GiB of ViT-L features (4 GiB for four
-#: layers), read whole by the PCA and by a user's ``ds.features[:, y, x]``; see :func:`feature_chunk_side`.
-CHUNK_BYTES = 32 * 2**20
+def feature_chunk_side(n_features: int) -> int:
+    """Side (feature pixels) of the square chunks of a feature store with ``n_features`` float32 bands: the tile
+    side of the engine's feature GeoTIFF (:func:`~dinov3geo.inference.engine.cog_blocksize`, tiles of at most
+    32 MiB), so that each chunk, and each block the PCA reads, is one tile decoded once: 256 for 64 features,
+    128 for ViT-S (384), 64 for ViT-L (1024), 32 for four ViT-L layers (4096). (512 x 512 feature pixels were
+    1 GiB of ViT-L features per chunk.)"""
+    from dinov3geo.inference.engine import cog_blocksize
 
-
-def feature_chunk_side(n_features: int, itemsize: int = 4, target: int | None = None, multiple: int = 16,
-                       cap: int = 512) -> int:
-    """Side (feature pixels, a multiple of ``multiple``, at most ``cap``) of the square chunks of a feature store
-    with ``n_features`` bands, so that one chunk holds about ``target`` bytes: 352 for 64 features, 144 for
-    ViT-S (384), 80 for ViT-L (1024), 32 for four ViT-L layers (4096). ``target`` defaults to
-    :data:`CHUNK_BYTES`."""
     if n_features < 1:
         raise ValueError(f"n_features must be positive, got {n_features}")
-    side = int(((CHUNK_BYTES if target is None else target) / (n_features * itemsize)) ** 0.5)
-    return max(multiple, min(cap, side // multiple * multiple))
+    return cog_blocksize(n_features, np.float32)
 
 
 def _to_zarr(tif: Path, out: Path, names: Sequence[str], **attrs: Any) -> GridSpec:
@@ -279,6 +274,38 @@ def _to_zarr(tif: Path, out: Path, names: Sequence[str], **attrs: Any) -> GridSp
         return GridSpec(src.crs, src.transform, src.width, src.height)
 
 
+#: Bytes (float32) of the pixel sample a PCA is fitted on at most: ``n_fit`` pixels, fewer for many features
+#: (20000 samples of four ViT-S layers' 4608 features were 368 MiB, 737 MiB in float64, and their full SVD 39 s).
+PCA_SAMPLE_BYTES = 64 * 2**20
+
+
+def pca_sample_size(n_features: int, n_fit: int = 20000) -> int:
+    """Pixels a PCA of ``n_features`` features is fitted on: ``n_fit``, at most :data:`PCA_SAMPLE_BYTES` of
+    float32 (at least 1000): 20000 up to 838 features, 3640 for 4608."""
+    return int(max(min(1000, n_fit), min(n_fit, PCA_SAMPLE_BYTES // (4 * max(1, int(n_features))))))
+
+
+def top_components(x: np.ndarray, k: int = 3, iters: int = 8, oversample: int = 10, seed: int = 0) -> np.ndarray:
+    """The ``k`` leading right singular vectors (``[k, d]``) of the centred ``x [n, d]`` (float64), each with its
+    largest-magnitude entry positive (a fixed sign: the same colours every run).
+
+    An exact SVD when ``min(n, d) <= 256``; else randomised subspace iteration (Halko, Martinsson & Tropp 2011,
+    algorithm 4.4: ``k + oversample`` directions, ``iters`` power iterations, seeded: deterministic), which costs
+    ``O(n d (k + oversample) iters)`` instead of the full SVD's ``O(n d min(n, d))``.
+    """
+    n, d = x.shape
+    if min(n, d) <= 256:
+        vt = np.linalg.svd(x, full_matrices=False)[2][:k]
+    else:
+        q = np.random.default_rng(seed).standard_normal((d, min(d, k + oversample)))
+        q = np.linalg.qr(q)[0]
+        for _ in range(iters):
+            q = np.linalg.qr(x.T @ np.linalg.qr(x @ q)[0])[0]
+        vt = np.linalg.svd(x @ q, full_matrices=False)[2][:k] @ q.T
+    idx = np.argmax(np.abs(vt), axis=1)
+    return vt * np.sign(vt[np.arange(len(vt)), idx])[:, None]
+
+
 class PCA3:
     """The first 3 principal components of feature vectors and a 2-98 % stretch to uint8 (1..255; 0 = nodata)."""
 
@@ -287,9 +314,9 @@ class PCA3:
             raise ValueError("not enough valid feature pixels for a PCA")
         fit = sample.astype(np.float64)
         self.mu = fit.mean(0)
-        _, _, vt = np.linalg.svd(fit - self.mu, full_matrices=False)
-        self.vt = vt[:3]
-        proj = (fit - self.mu) @ self.vt.T
+        fit -= self.mu
+        self.vt = top_components(fit, 3)
+        proj = fit @ self.vt.T
         self.lo, self.hi = np.percentile(proj, 2, axis=0), np.percentile(proj, 98, axis=0)
 
     def render(self, features: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -306,51 +333,62 @@ def pca_rgb(features: np.ndarray, valid: np.ndarray, n_fit: int = 20000, seed: i
     """In-memory convenience: :class:`PCA3` fitted on (a sample of) ``features`` and rendered."""
     x = features.reshape(features.shape[0], -1).T[valid.ravel()]
     rng = np.random.default_rng(seed)
-    pca = PCA3(x[rng.choice(x.shape[0], min(n_fit, x.shape[0]), replace=False)] if x.shape[0] else x)
+    n = min(pca_sample_size(features.shape[0], n_fit), x.shape[0])
+    pca = PCA3(x[rng.choice(x.shape[0], n, replace=False)] if x.shape[0] else x)
     return pca.render(features, valid)
 
 
-def _pca_outputs(tif: Path, out: Path, grid: GridSpec, n_fit: int = 20000,
-                 block: int | None = None) -> tuple[Path, Path]:
-    """Fit on a sample of valid pixels read window by window, then render window by window (bounded memory:
-    ``block`` x ``block`` feature pixels at a time, default :func:`feature_chunk_side`)."""
+def _pca_outputs(store: Path, grid: GridSpec, n_fit: int = 20000) -> tuple[Path, Path]:
+    """``<store stem>_pca.tif`` and ``_pca.png``: fitted on a sample of valid pixels read chunk by chunk from the
+    feature store ``store`` (one Zarr chunk, all features of a :func:`feature_chunk_side` square, at a time:
+    bounded memory), then rendered chunk by chunk.
+
+    The Zarr chunks, not the engine's GeoTIFF: GDAL reads a window of a many-band GeoTIFF band by band (0.8 s
+    for a 32 x 32 window of 4608 bands, cached), Zarr decodes the chunk at once."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import zarr
     from rasterio.windows import Window
 
     from dinov3geo.io.cog import COGWriter
 
     rng = np.random.default_rng(0)
-    with rasterio.open(tif) as src:
-        block = block or feature_chunk_side(src.count)
-        wins = [Window(c, r, min(block, src.width - c), min(block, src.height - r))
-                for r in range(0, src.height, block) for c in range(0, src.width, block)]
-        per = max(1, n_fit // len(wins))
-        samples = []
+    arr = zarr.open_group(str(store), mode="r")["features"]  # (feature, y, x), float32, NaN = no data
+    count, height, width = (int(v) for v in arr.shape)
+    block = int(arr.chunks[1])
+
+    def read(w: Window) -> np.ndarray:
+        r0, c0 = int(w.row_off), int(w.col_off)
+        return np.asarray(arr[:, r0 : r0 + int(w.height), c0 : c0 + int(w.width)], dtype=np.float32)
+
+    wins = [Window(c, r, min(block, width - c), min(block, height - r))
+            for r in range(0, height, block) for c in range(0, width, block)]
+    per = max(1, pca_sample_size(count, n_fit) // len(wins))
+    samples = []
+    for w in wins:
+        f = read(w)
+        x = f.reshape(f.shape[0], -1).T
+        x = x[np.isfinite(x).all(1)]
+        if len(x):
+            samples.append(x[rng.choice(len(x), min(per, len(x)), replace=False)])
+    pca = PCA3(np.concatenate(samples) if samples else np.empty((0, count)))
+    stem = store.with_suffix("")
+    png, tif_out = Path(f"{stem}_pca.png"), Path(f"{stem}_pca.tif")
+    preview_step = max(1, int(np.ceil(max(width, height) / 4096)))  # PNG at most ~4096 px
+    preview = np.zeros((3, -(-height // preview_step), -(-width // preview_step)), np.uint8)
+    with COGWriter(tif_out, grid, 3, "uint8", nodata=0, band_names=["pc1", "pc2", "pc3"],
+                   tags={"DESCRIPTION": "PCA (3 components) of DINOv3 patch features"}) as wr:
         for w in wins:
-            f = src.read(window=w, out_dtype="float32")
-            x = f.reshape(f.shape[0], -1).T
-            x = x[np.isfinite(x).all(1)]
-            if len(x):
-                samples.append(x[rng.choice(len(x), min(per, len(x)), replace=False)])
-        pca = PCA3(np.concatenate(samples) if samples else np.empty((0, src.count)))
-        stem = out.with_suffix("")
-        png, tif_out = Path(f"{stem}_pca.png"), Path(f"{stem}_pca.tif")
-        preview_step = max(1, int(np.ceil(max(src.width, src.height) / 4096)))  # PNG at most ~4096 px
-        preview = np.zeros((3, -(-src.height // preview_step), -(-src.width // preview_step)), np.uint8)
-        with COGWriter(tif_out, grid, 3, "uint8", nodata=0, band_names=["pc1", "pc2", "pc3"],
-                       tags={"DESCRIPTION": "PCA (3 components) of DINOv3 patch features"}) as wr:
-            for w in wins:
-                f = src.read(window=w, out_dtype="float32")
-                valid = np.isfinite(f).all(0)
-                rgb = pca.render(np.nan_to_num(f), valid)
-                wr.write(rgb, w)
-                r0, c0 = int(w.row_off), int(w.col_off)
-                sub = rgb[:, (-r0) % preview_step :: preview_step, (-c0) % preview_step :: preview_step]
-                pr, pc = -(-r0 // preview_step), -(-c0 // preview_step)
-                preview[:, pr : pr + sub.shape[1], pc : pc + sub.shape[2]] = sub
+            f = read(w)
+            valid = np.isfinite(f).all(0)
+            rgb = pca.render(np.nan_to_num(f), valid)
+            wr.write(rgb, w)
+            r0, c0 = int(w.row_off), int(w.col_off)
+            sub = rgb[:, (-r0) % preview_step :: preview_step, (-c0) % preview_step :: preview_step]
+            pr, pc = -(-r0 // preview_step), -(-c0 // preview_step)
+            preview[:, pr : pr + sub.shape[1], pc : pc + sub.shape[2]] = sub
     tmp_png = png.parent / f".{png.name}.tmp.png"
     plt.imsave(tmp_png, np.moveaxis(preview, 0, -1))
     os.replace(tmp_png, png)

@@ -142,34 +142,36 @@ def test_features_memory_estimate_counts_the_tapped_maps_and_the_batch():
 
 
 def test_store_chunks_and_pca_blocks_are_bounded_in_bytes(neon, tmp_path, monkeypatch):
-    """The Zarr chunks (and the PCA's read blocks) hold about ``CHUNK_BYTES`` of features whatever the band
-    count (512^2 feature pixels of ViT-L features were 1 GiB per chunk); the values do not depend on it."""
-    import dinov3geo.tasks.features as feats
+    """The engine's feature GeoTIFF tiles, the Zarr chunks and the PCA's read blocks are one and the same square of
+    at most ``TILE_BYTES`` whatever the band count (a 128 px floor made a tile of four ViT-S layers 288 MiB; 512^2
+    feature pixels of ViT-L were 1 GiB per Zarr chunk); the values do not depend on it."""
+    import dinov3geo.inference.engine as engine
     from dinov3geo.tasks.features import feature_chunk_side
 
-    assert [feature_chunk_side(n) for n in (64, 384, 1024, 4096)] == [352, 144, 80, 32]
-    assert all(feature_chunk_side(n) ** 2 * n * 4 <= feats.CHUNK_BYTES for n in (64, 100, 384, 1024, 4096))
+    assert [feature_chunk_side(n) for n in (64, 384, 1024, 4096, 4608)] == [256, 128, 64, 32, 32]
+    assert all(feature_chunk_side(n) ** 2 * n * 4 <= engine.TILE_BYTES for n in (1, 64, 100, 384, 1024, 4608, 8192))
     w = save_backbone(build_backbone("vit_tiny_test"), tmp_path / "w.pt")
     ref = extract_features(neon, tmp_path / "ref.zarr", weights=w, layers=[0, -1], window=256, progress=False,
                            sidecars=False)
-    reads = []
+    reads, tiles = [], []
     real_read = rasterio.io.DatasetReader.read
 
     def read(self, *a, **k):  # noqa: ANN001, ANN002, ANN003
         arr = real_read(self, *a, **k)
         if self.count == 128:  # the feature GeoTIFF
             reads.append(arr.shape[-2:])
+            tiles.append(self.block_shapes[0])
         return arr
 
-    monkeypatch.setattr(feats, "CHUNK_BYTES", 128 * 4 * 16 * 16)  # 16 x 16 feature pixels of 128 features
+    monkeypatch.setattr(engine, "TILE_BYTES", 128 * 4 * 16 * 16)  # 16 x 16 feature pixels of 128 features
     monkeypatch.setattr(rasterio.io.DatasetReader, "read", read)
     small = extract_features(neon, tmp_path / "small.zarr", weights=w, layers=[0, -1], window=256, progress=False,
                              sidecars=False)
     ds, dr = xr.open_zarr(small.zarr, consolidated=False), xr.open_zarr(ref.zarr, consolidated=False)
     assert ds["features"].encoding["chunks"] == (128, 16, 16)
-    assert dr["features"].encoding["chunks"] == (128, *ds["features"].shape[1:])  # the whole 70 x 76 grid in one chunk
-    np.testing.assert_array_equal(ds["features"].values, dr["features"].values)
-    assert reads and max(max(r) for r in reads) == 16  # the PCA read 16 x 16 blocks
+    assert dr["features"].encoding["chunks"] == (128, *ds["features"].shape[1:])  # the whole 70 x 76 grid
+    np.testing.assert_allclose(ds["features"].values, dr["features"].values, rtol=0, atol=1e-5)
+    assert reads and max(max(r) for r in reads) == 16 and set(tiles) == {(16, 16)}  # whole tiles read
     with rasterio.open(small.pca_tif) as a, rasterio.open(ref.pca_tif) as b:
         pa, pb = a.read().astype(int), b.read().astype(int)
     ok = pa[0] > 0

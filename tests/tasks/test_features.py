@@ -178,3 +178,38 @@ def test_store_chunks_and_pca_blocks_are_bounded_in_bytes(neon, tmp_path, monkey
     assert np.array_equal(ok, pb[0] > 0) and ok.mean() > 0.9  # the same valid pixels
     for k in range(3):  # the components fitted on another sample: the same up to sign
         assert abs(np.corrcoef(pa[k][ok], pb[k][ok])[0, 1]) > 0.9
+
+
+@pytest.mark.parametrize(("n", "d"), [(300, 40), (2000, 600), (700, 3000)])
+def test_top_components_equal_the_full_svd_with_a_fixed_sign(n, d):
+    """The PCA's components (exact SVD for small matrices, seeded subspace iteration above 256) equal numpy's
+    full SVD up to 1e-10 on a decaying spectrum, as patch features have, with the largest entry of each positive;
+    on a flat spectrum (no well-defined components) they still capture the top-3 variance."""
+    from dinov3geo.tasks.features import top_components
+
+    rng = np.random.default_rng(n + d)
+    r = min(60, d)
+    x = (rng.standard_normal((n, r)) * np.exp(-np.arange(r) / 3)) @ rng.standard_normal((r, d))
+    x += 1e-3 * rng.standard_normal((n, d))
+    x -= x.mean(0)
+    got = top_components(x, 3)
+    ref = np.linalg.svd(x, full_matrices=False)[2][:3]
+    ref *= np.sign(ref[np.arange(3), np.argmax(np.abs(ref), axis=1)])[:, None]
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-10)
+    assert np.all(got[np.arange(3), np.argmax(np.abs(got), axis=1)] > 0)
+    np.testing.assert_array_equal(top_components(x, 3), got)  # seeded: the same every run
+    flat = rng.standard_normal((n, d))
+    flat -= flat.mean(0)
+    s = np.linalg.svd(flat, compute_uv=False)
+    captured = np.linalg.norm(flat @ top_components(flat, 3).T) ** 2
+    assert captured >= 0.95 * float((s[:3] ** 2).sum())  # (3 random directions: 0.1-0.4 here)
+
+
+def test_pca_sample_is_bounded_in_bytes():
+    from dinov3geo.tasks.features import PCA_SAMPLE_BYTES, pca_sample_size
+
+    assert pca_sample_size(64) == pca_sample_size(384) == 20000
+    assert pca_sample_size(4608) == PCA_SAMPLE_BYTES // (4 * 4608) < 20000
+    assert all(pca_sample_size(d) * d * 4 <= PCA_SAMPLE_BYTES or pca_sample_size(d) == 1000 for d in (1, 900, 4608,
+                                                                                                    20000, 10**6))
+    assert pca_sample_size(10**6) == 1000 and pca_sample_size(10, n_fit=500) == 500

@@ -260,7 +260,10 @@ def _to_zarr(tif: Path, out: Path, names: Sequence[str], **attrs: Any) -> GridSp
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
     try:
-        ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
+        # each GeoTIFF tile is read once, as one chunk: GDAL's block cache (5 % of RAM by default) would only keep
+        # what was read (ViT-S x 3 layers at 4096^2: 532 MiB of growth for a 302 MiB array; 32 MB: see the notes)
+        with rasterio.Env(GDAL_CACHEMAX=32):
+            ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
         if out.exists():  # an earlier features output (guard_output let nothing else through): moved aside
             if out.is_dir() and folder_kind(out) is None:
                 mark_folder(out, FEATURES_KIND)  # empty folder: ours to replace
@@ -276,12 +279,12 @@ def _to_zarr(tif: Path, out: Path, names: Sequence[str], **attrs: Any) -> GridSp
 
 #: Bytes (float32) of the pixel sample a PCA is fitted on at most: ``n_fit`` pixels, fewer for many features
 #: (20000 samples of four ViT-S layers' 4608 features were 368 MiB, 737 MiB in float64, and their full SVD 39 s).
-PCA_SAMPLE_BYTES = 64 * 2**20
+PCA_SAMPLE_BYTES = 32 * 2**20
 
 
 def pca_sample_size(n_features: int, n_fit: int = 20000) -> int:
     """Pixels a PCA of ``n_features`` features is fitted on: ``n_fit``, at most :data:`PCA_SAMPLE_BYTES` of
-    float32 (at least 1000): 20000 up to 838 features, 3640 for 4608."""
+    float32 (at least 1000): 20000 up to 419 features, 8192 for ViT-L (1024), 1820 for 4608."""
     return int(max(min(1000, n_fit), min(n_fit, PCA_SAMPLE_BYTES // (4 * max(1, int(n_features))))))
 
 
@@ -373,7 +376,11 @@ def _pca_outputs(store: Path, grid: GridSpec, n_fit: int = 20000) -> tuple[Path,
         x = x[np.isfinite(x).all(1)]
         if len(x):
             samples.append(x[rng.choice(len(x), min(per, len(x)), replace=False)])
-    pca = PCA3(np.concatenate(samples) if samples else np.empty((0, count)))
+        del f, x
+    sample = np.concatenate(samples) if samples else np.empty((0, count), np.float32)
+    del samples
+    pca = PCA3(sample)
+    del sample
     stem = store.with_suffix("")
     png, tif_out = Path(f"{stem}_pca.png"), Path(f"{stem}_pca.tif")
     preview_step = max(1, int(np.ceil(max(width, height) / 4096)))  # PNG at most ~4096 px

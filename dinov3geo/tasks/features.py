@@ -150,8 +150,8 @@ def extract_features(
     Args:
         image: raster path, band folder, STAC item or scene (anything the inference engine reads).
         out: output ``.zarr`` path (replaced atomically).
-        weights: backbone weights file (Meta, timm or dinov3geo format) or a loaded backbone module; None builds
-            ``arch`` with random weights (only useful for testing).
+        weights: backbone weights file (Meta, timm or dinov3geo format) or a loaded backbone module (put in eval
+            mode); None builds ``arch`` with random weights (only useful for testing).
         layers: block indices (ConvNeXt: stage indices 0-3; negative from the end) whose normed patch tokens
             are concatenated (see :class:`MultiLayerFeatures` for the band count).
         bands: input bands by name or index (default all; must match the backbone's channels).

@@ -166,7 +166,7 @@ def test_validation_is_strict_and_never_downloads(canopy_map: Path, tmp_path: Pa
     # (the _no_network fixture turns a fetch into an AssertionError, which the match below would reject)
     unknown = "https://stac-extensions.github.io/no-such-extension/v9.9.9/schema.json"
     x = json.loads(item.read_text())
-    x["stac_extensions"].append(unknown)
+    x["stac_extensions"].insert(0, unknown)  # validated first: the error names it on any pystac
     bad.write_text(json.dumps(x))
     empty = tmp_path / "no_schemas"
     empty.mkdir()

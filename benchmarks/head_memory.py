@@ -112,9 +112,9 @@ def make_model(work: Path, task: str, name: str) -> Path:
     """A ``task`` model file with random weights for backbone ``name`` (see the module docstring)."""
     import torch
 
-    path = work / f"{task}_{name}.pt"
-    if path.exists() or path.with_suffix(".pth").exists():
-        return path if path.exists() else path.with_suffix(".pth")
+    path = work / f"{task}_{name}{'.pth' if task == 'features' else '.pt'}"
+    if path.exists():
+        return path
     torch.manual_seed(0)
     bb = _backbone(name)
     if task == "change":
@@ -147,9 +147,6 @@ def make_model(work: Path, task: str, name: str) -> Path:
     elif task == "features":
         from dinov3geo.models import save_backbone
 
-        path = path.with_suffix(".pth")
-        if path.exists():
-            return path
         save_backbone(bb, path)
         model = bb
     else:
@@ -163,15 +160,10 @@ def make_model(work: Path, task: str, name: str) -> Path:
 def _resolved_batch(rm: Any, window: int, batch: int | None) -> tuple[int, float, str]:
     """The batch a run uses, the model's memory estimate for it (MiB) and where it came from: ``auto`` (what the
     task's ``batch_size=None`` chooses: :func:`dinov3geo.inference.batching.choose_batch_size`) or ``explicit``."""
-    from dinov3geo.inference.batching import memory_estimator, resolve_batch_size
+    from dinov3geo.inference.batching import choose_batch_size, memory_estimator
 
-    source = "explicit" if batch is not None else "auto"
-    used = resolve_batch_size(rm, window, "cpu", batch, fallback=4)
-    try:
-        estimate = memory_estimator(rm)(window, used) / 2**20
-    except TypeError:  # a model without an estimate: its task's fixed default
-        estimate, source = float("nan"), source if batch is not None else "fixed"
-    return used, estimate, source
+    used = choose_batch_size(rm, window, "cpu", batch)  # every task's model has a memory estimate
+    return used, memory_estimator(rm)(window, used) / 2**20, "explicit" if batch is not None else "auto"
 
 
 def child_run(spec: dict[str, Any]) -> dict[str, Any]:

@@ -261,7 +261,8 @@ def _to_zarr(tif: Path, out: Path, names: Sequence[str], **attrs: Any) -> GridSp
     old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
     try:
         # each GeoTIFF tile is read once, as one chunk: GDAL's block cache (5 % of RAM by default) would only keep
-        # what was read (ViT-S x 3 layers at 4096^2: 532 MiB of growth for a 302 MiB array; 32 MB: see the notes)
+        # what was read (ViT-S x 3 layers at 4096^2: 532 MiB of growth for a 302 MiB array, 250 MiB under 32 MB;
+        # benchmarks/README.md, head_memory.py section)
         with rasterio.Env(GDAL_CACHEMAX=32):
             ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False)
         if out.exists():  # an earlier features output (guard_output let nothing else through): moved aside

@@ -449,9 +449,8 @@ def predict_pair(model: Any, before: np.ndarray | ChangePair, after: np.ndarray 
         ``[H, W]`` float32 scores, NaN where the input is invalid.
     """
     from dinov3geo.inference import predict_array
-    from dinov3geo.inference.batching import check_batch_size, resolve_batch_size
+    from dinov3geo.inference.batching import resolve_batch_size
 
-    check_batch_size(batch_size)
     if isinstance(before, ChangePair):
         pair = before
         before, after = pair.before, pair.after
